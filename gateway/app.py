@@ -1,0 +1,98 @@
+"""The one place objects are wired together: build_app(settings) -> App."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from gateway.config import Settings
+from gateway.mail import classify, rules
+from gateway.mail.parse import Limits
+from gateway.pipeline import Clock, Pipeline, Policies, utcnow
+from gateway.store.db import Database
+from gateway.store.files import Blobs, Spool
+from gateway.store.queries import Queries
+from gateway.store.records import Records
+
+
+@dataclass
+class App:
+    settings: Settings
+    db: Database
+    records: Records
+    queries: Queries
+    spool: Spool
+    blobs: Blobs
+    pipeline: Pipeline
+    keys: list[bytes]
+    instance_id: str
+    clock: Clock
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def build_app(settings: Settings, clock: Clock = utcnow) -> App:
+    data = settings.data_dir
+    data.mkdir(parents=True, exist_ok=True)
+    keys = load_keys(data / "secret.key")
+    instance_id = settings.gateway.instance_id or _once(data / "instance_id", lambda: secrets.token_hex(8))
+    db = Database(data / "gateway.db")
+    g = settings.gateway
+    records = Records(db, g.ref_prefix, g.ref_width)
+    spool, blobs = Spool(data / "spool"), Blobs(data / "attachments")
+    pipeline = Pipeline(records, spool, blobs, policies(settings, keys, instance_id), clock)
+    return App(settings, db, records, Queries(db, g.ref_prefix, g.ref_width), spool, blobs,
+               pipeline, keys, instance_id, clock)
+
+
+def policies(settings: Settings, keys: list[bytes], instance_id: str) -> Policies:
+    g, lim = settings.gateway, settings.limits
+    own = settings.own_addresses
+    return Policies(
+        limits=Limits(settings.smtp.max_message_size, lim.max_header_size, lim.max_mime_depth,
+                      lim.max_parts, float(lim.parse_timeout)),
+        own=classify.Own(instance_id, own),
+        rules=rules.Policy(
+            reopen_window=timedelta(days=g.reopen_window_days),
+            thanks_phrases=tuple(g.thanks_phrases),
+            problem_types={k.lower(): v for k, v in g.problem_types.items()},
+            own_addresses=own),
+        keys=keys,
+        reply_locals=frozenset(a.partition("@")[0] for a in own if a.endswith("@" + g.domain)),
+        domain=g.domain.lower(),
+        ref_prefix=g.ref_prefix,
+        ref_width=g.ref_width,
+        max_attempts=g.max_attempts,
+        max_attachment_size=lim.max_attachment_size,
+    )
+
+
+def load_keys(path: Path) -> list[bytes]:
+    """The secret keys, newest first: the first signs, all verify (rotation, PRODUCT §6)."""
+    text = _once(path, lambda: secrets.token_hex(32) + "\n")
+    keys = [bytes.fromhex(line.strip()) for line in text.splitlines() if line.strip()]
+    if not keys:
+        raise ValueError(f"{path} holds no key")
+    return keys
+
+
+def _once(path: Path, make: object) -> str:
+    """Read a small generated file, creating it (mode 0600, atomically) on first use."""
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(make())  # type: ignore[operator]
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)  # fails if another process won the race; theirs stands
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_text().strip()

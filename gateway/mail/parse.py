@@ -1,0 +1,491 @@
+"""Raw bytes -> ParsedMail: pure, bounded, and never raising for bad mail.
+
+The only module that imports mail-parser. The standard library builds the message tree first so
+that the bounds (size, header size, MIME depth, part count, time) are checked before mail-parser
+walks it; mail-parser then supplies the decoded headers and the defect report. Bodies and
+attachments come from our own walk, because attachment bytes must be the MIME part's decoded
+payload (mail-parser re-encodes them) and an attached mail's text must never become ours.
+"""
+
+from __future__ import annotations
+
+import email
+import email.errors
+import email.header
+import email.message
+import email.policy
+import email.utils
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import mailparser
+
+from gateway.mail import html, reply, tnef
+from gateway.mail.names import safe_filename
+from gateway.model import Address, Attachment, Bounce, ParsedMail, Rejection
+
+# mail-parser logs part file names and header names at debug level; names can identify a
+# patient, so it is never allowed to log below warning, whatever the root level is.
+logging.getLogger("mailparser").setLevel(logging.WARNING)
+
+Message = email.message.Message
+
+# Charset names seen in the field that Python does not know, or knows under another name.
+CHARSET_ALIASES = {
+    "cp-850": "cp850",
+    "iso-8859-8-i": "iso-8859-8",
+    "iso-8859-6-i": "iso-8859-6",
+    "ks_c_5601-1987": "cp949",
+    "x-mac-roman": "mac_roman",
+    "unicode-1-1-utf-7": "utf-7",
+    "x-user-defined": "latin-1",
+    "unknown-8bit": "utf-8",
+    "windows-874": "cp874",
+    "x-gbk": "gbk",
+    "gb2312": "gb18030",
+}
+
+CLASSIFY_HEADERS = (
+    "auto-submitted",
+    "precedence",
+    "x-autoreply",
+    "x-autorespond",
+    "x-auto-response-suppress",
+    "list-id",
+    "list-unsubscribe",
+    "return-path",
+    "x-ecr-loop",
+    "x-failed-recipients",
+)
+
+MSGID = re.compile(r"<([^<>\s]{1,500})>")
+CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_size: int = 52428800
+    max_header_size: int = 1048576
+    max_mime_depth: int = 50
+    max_parts: int = 1000
+    parse_timeout: float = 30.0
+
+
+class _Deadline:
+    """A cooperative time bound: checked between the steps and between parts."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def passed(self) -> bool:
+        return time.monotonic() > self.end
+
+
+def parse(raw: bytes, limits: Limits = Limits()) -> ParsedMail | Rejection:
+    deadline = _Deadline(limits.parse_timeout)
+    early = _check_size(raw, limits)
+    if early:
+        return early
+    try:
+        message = email.message_from_bytes(raw)
+    except RecursionError:
+        return Rejection("max_mime_depth", "MIME nesting too deep to parse")
+    shape = _check_shape(message, limits)
+    if shape:
+        return shape
+    if deadline.passed():
+        return Rejection("parse_timeout", f"parsing took longer than {limits.parse_timeout:g}s")
+    return _ParsedBuilder(message, deadline, limits).build()
+
+
+def _check_size(raw: bytes, limits: Limits) -> Rejection | None:
+    if len(raw) > limits.max_message_size:
+        return Rejection("max_message_size", f"{len(raw)} bytes > {limits.max_message_size}")
+    head_end = min((i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0), default=len(raw))
+    if head_end > limits.max_header_size:
+        return Rejection("max_header_size", f"header block over {limits.max_header_size} bytes")
+    return None
+
+
+def _check_shape(message: Message, limits: Limits) -> Rejection | None:
+    parts = 0
+    stack: list[tuple[Message, int]] = [(message, 0)]
+    while stack:
+        part, depth = stack.pop()
+        parts += 1
+        if depth > limits.max_mime_depth:
+            return Rejection("max_mime_depth", f"MIME nesting deeper than {limits.max_mime_depth}")
+        if parts > limits.max_parts:
+            return Rejection("max_parts", f"more than {limits.max_parts} MIME parts")
+        payload = part.get_payload()
+        if isinstance(payload, list):
+            stack.extend((p, depth + 1) for p in payload if isinstance(p, Message))
+    return None
+
+
+class _ParsedBuilder:
+    """Collects one message's fields; a class only so the walk can share the deadline."""
+
+    def __init__(self, message: Message, deadline: _Deadline, limits: Limits) -> None:
+        self.message = message
+        self.deadline = deadline
+        self.limits = limits
+        self.plain: list[str] = []
+        self.html: list[str] = []
+        self.attachments: list[Attachment] = []
+        self.defects: list[str] = []
+
+    def build(self) -> ParsedMail | Rejection:
+        mp = mailparser.MailParser(self.message)
+        self.defects.extend(_defect_names(mp.defects_categories))
+        self._walk()
+        if self.deadline.passed():
+            return Rejection("parse_timeout", f"parsing took longer than {self.limits.parse_timeout:g}s")
+        sender, trusted, why = identity(self.message)
+        body = self._body()
+        return ParsedMail(
+            message_id=_first_id(self.message.get("Message-ID")),
+            subject=clean_line(header_text(self.message.get("Subject"))),
+            sender=sender,
+            trusted=trusted,
+            untrusted_reason=why,
+            to=_addresses(self.message, "To"),
+            cc=_addresses(self.message, "Cc"),
+            delivered_to=tuple(
+                a.email for a in _addresses(self.message, "Delivered-To", "X-Original-To")
+            ),
+            in_reply_to=message_ids(self.message.get_all("In-Reply-To", [])),
+            references=message_ids(self.message.get_all("References", [])),
+            date=_date(self.message.get("Date")),
+            headers=_classify_headers(self.message),
+            body=body,
+            new_text=reply.new_text(body),
+            attachments=tuple(self.attachments),
+            defects=tuple(sorted(set(self.defects))),
+            content_type=self.message.get_content_type(),
+            report_type=str(self.message.get_param("report-type", "") or "").lower(),
+            bounce=_bounce(self.message),
+        )
+
+    def _body(self) -> str:
+        if self.plain:
+            return "\n\n".join(self.plain).strip()
+        if self.html:
+            return html.to_text("\n".join(self.html)).strip()
+        return ""
+
+    def _walk(self) -> None:
+        for part in _leaves(self.message):
+            if self.deadline.passed():
+                return
+            self._take(part)
+
+    def _take(self, part: Message) -> None:
+        ctype = part.get_content_type()
+        if ctype == "message/rfc822" or ctype == "message/global":
+            self._attach(part, _attached_mail_bytes(part), "message/rfc822", default=".eml")
+            return
+        if ctype == "message/delivery-status" or ctype == "text/rfc822-headers":
+            return  # read by _bounce; a report's parts are not the sender's words
+        data = _payload_bytes(part)
+        if tnef.is_tnef(ctype, part.get_filename()):
+            self._attach_tnef(part, data)
+        elif _is_body_text(part):
+            self._text(part, ctype, data)
+        else:
+            self._attach(part, data, ctype)
+
+    def _text(self, part: Message, ctype: str, data: bytes) -> None:
+        text, ok = decode_text(data, part.get_content_charset())
+        if not ok:
+            self.defects.append("UndecodableTextPart")
+            self._attach(part, data, "application/octet-stream", default=".bin")
+        (self.html if ctype == "text/html" else self.plain).append(text)
+
+    def _attach(self, part: Message, data: bytes, ctype: str, default: str = "") -> None:
+        cid = (part.get("Content-ID") or "").strip().strip("<>")
+        disposition = (part.get_content_disposition() or "").lower()
+        name = safe_filename(header_text(_filename(part)), ctype, default)
+        self.attachments.append(
+            Attachment(
+                filename=name,
+                content_type=ctype,
+                data=data,
+                sha256=hashlib.sha256(data).hexdigest(),
+                content_id=clean_line(cid)[:250],
+                inline=bool(cid) and disposition != "attachment",
+            )
+        )
+
+    def _attach_tnef(self, part: Message, data: bytes) -> None:
+        unpacked = tnef.unpack(data)
+        if unpacked is None:
+            self.defects.append("TnefUnreadable")
+            self._attach(part, data, "application/ms-tnef")
+            return
+        for name, content in unpacked:
+            self.attachments.append(
+                Attachment(
+                    filename=safe_filename(name, "application/octet-stream"),
+                    content_type="application/octet-stream",
+                    data=content,
+                    sha256=hashlib.sha256(content).hexdigest(),
+                )
+            )
+
+
+def _leaves(message: Message) -> Iterator[Message]:
+    """Leaf parts in document order; an attached mail is a leaf (never our text)."""
+    stack = [message]
+    while stack:
+        part = stack.pop()
+        payload = part.get_payload()
+        is_attached_mail = part.get_content_maintype() == "message"
+        if isinstance(payload, list) and not is_attached_mail and part.get_content_type() != "message/delivery-status":
+            stack.extend(reversed([p for p in payload if isinstance(p, Message)]))
+        elif part.get_content_type() == "message/delivery-status":
+            continue
+        else:
+            yield part
+
+
+def _is_body_text(part: Message) -> bool:
+    if part.get_content_type() not in ("text/plain", "text/html") and part.get_content_maintype() != "multipart":
+        return False
+    return part.get_content_disposition() != "attachment" and not part.get_filename()
+
+
+def _payload_bytes(part: Message) -> bytes:
+    """The part's decoded bytes; a part the library cannot decode yields its raw text."""
+    try:
+        data = part.get_payload(decode=True)
+    except Exception:  # uuencode with bad lines raises ValueError deep inside binascii
+        data = None
+    if isinstance(data, bytes):
+        return data
+    raw = part.get_payload()
+    if isinstance(raw, str):
+        return raw.encode("utf-8", "surrogateescape")
+    return b""
+
+
+def _attached_mail_bytes(part: Message) -> bytes:
+    payload = part.get_payload()
+    inner = payload[0] if isinstance(payload, list) and payload else None
+    if isinstance(inner, Message):
+        try:
+            return inner.as_bytes()
+        except Exception:
+            return str(inner).encode("utf-8", "replace")
+    return _payload_bytes(part)
+
+
+def _filename(part: Message) -> str:
+    try:
+        name = part.get_filename()
+    except Exception:
+        name = None
+    if isinstance(name, tuple):  # an RFC 2231 value the library could not decode
+        name = name[2]
+    return name or ""
+
+
+def decode_text(data: bytes, charset: str | None) -> tuple[str, bool]:
+    """Bytes in a declared charset -> (text, decoded cleanly); never raises."""
+    name = (charset or "utf-8").strip().strip('"').lower() or "utf-8"
+    name = CHARSET_ALIASES.get(name, name)
+    for candidate in (name, "utf-8"):
+        try:
+            return data.decode(candidate), True
+        except (LookupError, UnicodeDecodeError):
+            continue
+    text = data.decode("utf-8", "replace")
+    return text, text.count("\ufffd") * 10 < max(len(text), 1)
+
+
+def header_text(value: object) -> str:
+    """A header value decoded from RFC 2047 words and raw 8-bit bytes; never raises."""
+    if value is None:
+        return ""
+    try:
+        chunks = email.header.decode_header(value)  # type: ignore[arg-type]
+    except Exception:
+        return _surrogates_to_text(str(value))
+    out = []
+    for chunk, charset in chunks:
+        if isinstance(chunk, str):
+            out.append(_surrogates_to_text(chunk))
+        elif charset in (None, "unknown-8bit"):
+            out.append(decode_8bit(chunk))
+        else:
+            out.append(decode_text(chunk, charset)[0])
+    return "".join(out)
+
+
+def _surrogates_to_text(text: str) -> str:
+    return decode_8bit(text.encode("utf-8", "surrogateescape"))
+
+
+def decode_8bit(data: bytes) -> str:
+    """Raw 8-bit header bytes: UTF-8 when they are, else Latin-1 (which never fails)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def clean_line(text: str, limit: int = 998) -> str:
+    """One line: CR, LF, NUL and other controls become spaces; runs of space fold."""
+    return " ".join(CONTROL.sub(" ", text).split())[:limit]
+
+
+def normalise_id(text: str) -> str:
+    return text.strip().strip("<>").strip().casefold()
+
+
+def _first_id(value: object) -> str:
+    ids = message_ids([value] if value is not None else [])
+    if ids:
+        return ids[0]
+    bare = normalise_id(header_text(value))
+    return bare if bare and " " not in bare else ""
+
+
+def message_ids(values: list[object]) -> tuple[str, ...]:
+    found: list[str] = []
+    for value in values:
+        for m in MSGID.finditer(header_text(value)):
+            ident = normalise_id(m.group(1))
+            if ident not in found:
+                found.append(ident)
+    return tuple(found[:100])
+
+
+def identity(message: Message) -> tuple[Address | None, bool, str]:
+    """The single From addr-spec and whether it may be trusted to update an ECR (§2.2).
+
+    Two parsers must agree on exactly one address: the strict header registry (whose defects
+    count against the sender) and getaddresses, which before Python 3.11.10 reads
+    `alice@x)<bob@y>` as two addresses (CVE-2023-27043).
+    """
+    values = message.get_all("From", [])
+    if not values:
+        return None, False, "no From header"
+    raw = _surrogates_to_text(str(values[0]))
+    loose = [p for p in email.utils.getaddresses([raw]) if p[1]]
+    sender = _address(loose[0]) if loose else None
+    if len(values) > 1:
+        return sender, False, "several From headers"
+    if any(c in header_text(values[0]) for c in "\x00\r\n"):
+        return sender, False, "From decodes to NUL, CR or LF"
+    try:
+        strict = email.policy.default.header_factory("from", raw)
+    except Exception:
+        return sender, False, "From cannot be parsed"
+    addresses = strict.addresses
+    if len(addresses) != 1 or len(loose) != 1:
+        return sender, False, "From does not hold exactly one address"
+    if any(not isinstance(d, email.errors.ObsoleteHeaderDefect) for d in strict.defects):
+        return sender, False, "From has parse defects"
+    sender = Address(addresses[0].addr_spec.casefold(), clean_line(addresses[0].display_name, 200))
+    if not _plausible(sender.email):
+        return sender, False, "From holds no valid address"
+    if _hidden_address(sender):
+        return sender, False, "From display name holds another address"
+    return sender, True, ""
+
+
+def _plausible(addr: str) -> bool:
+    local, _, domain = addr.rpartition("@")
+    return bool(local) and "." in domain or domain == "localhost"
+
+
+def _hidden_address(sender: Address) -> bool:
+    found = re.findall(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+", sender.name)
+    return any(f.casefold() != sender.email for f in found)
+
+
+def _address(pair: tuple[str, str]) -> Address:
+    name, addr = pair
+    return Address(email=clean_line(addr).casefold(), name=clean_line(header_text(name), 200))
+
+
+def _addresses(message: Message, *names: str) -> tuple[Address, ...]:
+    values: list[str] = []
+    for name in names:
+        values.extend(header_text(v) for v in message.get_all(name, []))
+    seen: dict[str, Address] = {}
+    for pair in email.utils.getaddresses(values):
+        if pair[1] and "@" in pair[1]:
+            a = _address(pair)
+            seen.setdefault(a.email, a)
+    return tuple(seen.values())[:500]
+
+
+def _date(value: object) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(header_text(value))
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if parsed.tzinfo is None:  # a date with no zone is taken as UTC (PRODUCT §2.2)
+        return parsed.replace(tzinfo=UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except (OverflowError, ValueError):
+        return None
+
+
+def _classify_headers(message: Message) -> dict[str, str]:
+    out = {}
+    for name in CLASSIFY_HEADERS:
+        values = message.get_all(name, [])
+        if values:
+            out[name] = clean_line(", ".join(header_text(v) for v in values), 2000)
+    return out
+
+
+def _defect_names(categories: object) -> list[str]:
+    return [str(c) for c in (categories or [])]  # type: ignore[attr-defined]
+
+
+def _bounce(message: Message) -> Bounce | None:
+    """The reported Message-ID and failed recipients of a delivery-status report."""
+    if message.get_content_type() != "multipart/report":
+        return None
+    original = ""
+    recipients: list[str] = []
+    for part in message.walk():
+        ctype = part.get_content_type()
+        if ctype == "message/delivery-status":
+            recipients.extend(_dsn_recipients(part))
+        elif ctype in ("message/rfc822", "text/rfc822-headers") and not original:
+            original = _reported_id(part)
+    return Bounce(original_message_id=original, recipients=tuple(recipients[:50]))
+
+
+def _dsn_recipients(part: Message) -> list[str]:
+    out = []
+    for block in part.get_payload() if isinstance(part.get_payload(), list) else []:
+        if not isinstance(block, Message):
+            continue
+        final = header_text(block.get("Final-Recipient") or block.get("Original-Recipient"))
+        action = header_text(block.get("Action")).strip().lower()
+        if final and action in ("failed", ""):
+            out.append(clean_line(final.split(";")[-1]).strip("<>").casefold())
+    return out
+
+
+def _reported_id(part: Message) -> str:
+    payload = part.get_payload()
+    if isinstance(payload, list) and payload and isinstance(payload[0], Message):
+        return _first_id(payload[0].get("Message-ID"))
+    if isinstance(payload, str):
+        return _first_id(email.message_from_string(payload).get("Message-ID"))
+    return ""

@@ -1,0 +1,79 @@
+"""A reply's own words: quoted history and signature stripped; the only user of mail-parser-reply.
+
+mail-parser-reply knows the attribution and separator lines of Outlook, Gmail, Apple Mail and
+Thunderbird in many languages, for top-posted replies. We add what it leaves: bottom-posted
+replies, the `-- ` signature delimiter, mobile "Sent from my ..." lines, and a guard that keeps
+an interleaved reply (answers between quoted lines) whole, since any cut would lose answers.
+"""
+
+from __future__ import annotations
+
+import re
+
+from mailparser_reply import EmailReplyParser
+
+LANGUAGES = ["en", "de", "fr", "nl", "es", "it", "da", "sv", "pl", "cs"]
+_parser = EmailReplyParser(languages=LANGUAGES)
+
+SIGNATURE = re.compile(r"^-- ?$")
+MOBILE = re.compile(
+    r"^(sent from my \w+|sent from (outlook|mail) for \w+|get outlook for \w+|"
+    r"von meinem \w+ gesendet)\b",
+    re.IGNORECASE,
+)
+ATTRIBUTION = re.compile(r"(wrote|schrieb|a écrit|escribió|heeft geschreven|skrev|napisał)\s*:\s*$", re.I)
+
+
+def new_text(body: str) -> str:
+    text = body.replace("\r\n", "\n").replace("\r", "\n")
+    if _interleaved(text):
+        return text.strip()
+    if _bottom_posted(text):
+        text = _after_quotes(text)
+    else:
+        try:
+            text = _parser.parse_reply(text) or ""
+        except Exception:  # a regex library failure must not lose the mail; keep it whole
+            text = text.strip()
+    return _strip_signature(text).strip()
+
+
+def _shape(text: str) -> str:
+    """Runs of Quote / Text lines, blank lines ignored: 'TQ' is top-posted, 'QT' bottom."""
+    shape = ""
+    for line in text.split("\n"):
+        if not line.strip():
+            continue
+        kind = "Q" if line.lstrip().startswith(">") else "T"
+        if not shape or shape[-1] != kind:
+            shape += kind
+    return shape
+
+
+def _interleaved(text: str) -> bool:
+    shape = _shape(text)
+    return "QTQ" in shape
+
+
+def _bottom_posted(text: str) -> bool:
+    return _shape(text).endswith("QT") and _shape(text).count("Q") == 1
+
+
+def _after_quotes(text: str) -> str:
+    lines = text.split("\n")
+    last_quote = max(i for i, line in enumerate(lines) if line.lstrip().startswith(">"))
+    before = "\n".join(line for line in lines[:last_quote] if not line.lstrip().startswith(">"))
+    before = "\n".join(line for line in before.split("\n") if not ATTRIBUTION.search(line))
+    after = "\n".join(lines[last_quote + 1 :])
+    return (before.strip() + "\n\n" + after.strip()).strip()
+
+
+def _strip_signature(text: str) -> str:
+    kept: list[str] = []
+    for line in text.split("\n"):
+        if SIGNATURE.match(line.rstrip()):
+            break
+        if MOBILE.match(line.strip()):
+            continue
+        kept.append(line)
+    return "\n".join(kept)

@@ -1,0 +1,238 @@
+"""The journey of one mail, top to bottom: accept -> parse -> classify -> match -> apply.
+
+Its sole purpose in life: every transport hands an Envelope to `accept`, and every accepted
+row is carried to exactly one recorded outcome by `process`. A failure at any step is recorded
+with the step's name; after `max_attempts` the mail is quarantined, never dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from gateway.mail import classify as classify_mod
+from gateway.mail import match as match_mod
+from gateway.mail import parse as parse_mod
+from gateway.mail import rules
+from gateway.model import Envelope, Kind, Outcome, ParsedMail, Rejection, Result
+from gateway.store.files import Blobs, Spool
+from gateway.store.records import Accepted, Arrival, Records
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+BatchParser = Callable[[list[bytes]], list[ParsedMail | Rejection]]
+
+
+@dataclass(frozen=True)
+class Policies:
+    """Everything the pure steps need from the settings, built once by the app."""
+
+    limits: parse_mod.Limits
+    own: classify_mod.Own
+    rules: rules.Policy
+    keys: list[bytes]
+    reply_locals: frozenset[str]
+    domain: str
+    ref_prefix: str
+    ref_width: int
+    max_attempts: int
+    max_attachment_size: int
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def dedupe_key(message_id: str, raw: bytes) -> str:
+    """Normalised Message-ID when present, else the sha256 of the bytes (PRODUCT §2.1)."""
+    return f"mid:{message_id}" if message_id else f"sha256:{hashlib.sha256(raw).hexdigest()}"
+
+
+class Pipeline:
+    def __init__(self, records: Records, spool: Spool, blobs: Blobs, policies: Policies,
+                 clock: Clock = utcnow) -> None:
+        self.records = records
+        self.spool = spool
+        self.blobs = blobs
+        self.p = policies
+        self.clock = clock
+
+    # --- 1 accept ------------------------------------------------------------------------------
+
+    def accept(self, envelope: Envelope) -> Accepted:
+        return self.accept_many([envelope])[0]
+
+    def accept_many(self, envelopes: Sequence[Envelope]) -> list[Accepted]:
+        """Raw bytes durably in the spool, then the rows in one durable commit; only then may a
+        transport acknowledge. Several envelopes share their fsyncs and their commit."""
+        arrivals = [self._spool(e, sync=len(envelopes) == 1) for e in envelopes]
+        if len(envelopes) > 1:
+            self.spool.sync([a.spool_name for a in arrivals])
+        accepted = self.records.accept(arrivals)
+        for a, env in zip(accepted, envelopes, strict=True):
+            log.info("inbound %d accepted from %s, %d bytes%s", a.inbound_id, env.source,
+                     len(env.raw), f", duplicate of {a.duplicate_of}" if a.duplicate_of else "")
+        return accepted
+
+    def _spool(self, envelope: Envelope, sync: bool) -> Arrival:
+        name = self.spool.new_name()
+        self.spool.write(name, envelope.raw, sync=sync)
+        message_id = sniff_message_id(envelope.raw)
+        return Arrival(
+            dedupe_key=dedupe_key(message_id, envelope.raw), message_id=message_id,
+            source=envelope.source, mail_from=envelope.mail_from,
+            rcpt_tos=tuple(envelope.rcpt_tos), received_at=envelope.received_at or self.clock(),
+            size=len(envelope.raw), spool_name=name)
+
+    # --- 2..5 process --------------------------------------------------------------------------
+
+    def ingest(self, envelope: Envelope) -> Result:
+        accepted = self.accept(envelope)
+        return self.process(accepted.inbound_id)
+
+    def process_waiting(self, parse_many: BatchParser | None = None, batch: int = 256) -> list[Result]:
+        """Every accepted, unprocessed row: start-up recovery, replay, a batch of imports."""
+        results: list[Result] = []
+        while ids := self.records.waiting(batch):
+            results += self.process_many(ids, parse_many)
+        return results
+
+    def process_many(self, ids: Sequence[int], parse_many: BatchParser | None = None) -> list[Result]:
+        """Rows in order; `parse_many` may parse their bytes elsewhere (on other cores)."""
+        if parse_many is None:
+            return [self.process(i) for i in ids]
+        rows = [self.records.inbound(i) for i in ids]
+        todo = [r for r in rows if r is not None and r["state"] == "accepted"]
+        parsed = parse_many([self.spool.read(r["spool_path"]) for r in todo])
+        results = []
+        for row, mail in zip(todo, parsed, strict=True):
+            self.records.begin_attempt(row["id"])
+            results.append(self._attempt(row["id"], lambda m=mail: m) or self.process(row["id"]))
+        return results
+
+    def process(self, inbound_id: int) -> Result:
+        """Attempts until an outcome is recorded; the attempt count bounds the loop."""
+        while True:
+            row = self.records.inbound(inbound_id)
+            if row is None:
+                raise LookupError(f"no inbound row {inbound_id}")
+            if row["state"] != "accepted":
+                return self._existing(row)
+            self.records.begin_attempt(inbound_id)
+            raw = self.spool.read(row["spool_path"])
+            result = self._attempt(inbound_id, lambda: parse_mod.parse(raw, self.p.limits))
+            if result is not None:
+                return result
+
+    def _attempt(self, inbound_id: int, parse: Callable[[], ParsedMail | Rejection]) -> Result | None:
+        """One attempt: an outcome, or None when it failed and another attempt is due."""
+        step = "parse"
+        try:
+            parsed = parse()
+            if isinstance(parsed, Rejection):
+                return self._reject(inbound_id, parsed)
+            step = "apply"
+            return self._apply(inbound_id, parsed)
+        except Exception as exc:
+            return self._failed(inbound_id, step, exc)
+
+    def _apply(self, inbound_id: int, mail: ParsedMail) -> Result:
+        row = self.records.inbound(inbound_id)
+        assert row is not None
+        too_big = [a for a in mail.attachments if a.size > self.p.max_attachment_size]
+        if too_big:
+            return self._reject(inbound_id, Rejection(
+                "max_attachment_size", f"an attachment of {too_big[0].size} bytes"))
+        kind = classify_mod.classify(mail, row["source"] == "smtp" and not row["mail_from"], self.p.own)
+        if kind.kind not in (Kind.LOOP, Kind.BOUNCE):
+            # Files first, outside the write lock: content-addressed, so a retry rewrites nothing.
+            for a in mail.attachments:
+                self.blobs.put(a.sha256, a.data)
+        rcpts = [str(r) for r in json.loads(row["rcpt_tos"])]
+        now = self.clock()
+        with self.records.db.write():
+            current = self.records.inbound(inbound_id)
+            if current is None or current["state"] != "accepted":  # another process finished it
+                return self._existing(current or row)
+            found = self._match(mail, kind, rcpts, now)
+            if found is None:
+                result = self.records.record(inbound_id, _outcome(kind), kind.reason, kind, mail, now)
+            else:
+                plan = rules.decide(mail, kind, found, rcpts, self.p.rules, now)
+                result = self.records.apply(inbound_id, mail, kind, found, plan, now)
+        log.info("inbound %d %s %s via %s: %s", inbound_id, result.outcome, result.ref or "-",
+                 result.rung or "-", result.reason)
+        return result
+
+    def _match(self, mail: ParsedMail, kind: classify_mod.Classification, rcpts: list[str],
+               now: datetime) -> match_mod.Match | None:
+        """Loops and bounces are never matched: a bounce quotes our mail, references and all."""
+        if kind.kind in (Kind.LOOP, Kind.BOUNCE):
+            return None
+        ctx = match_mod.Context(self.p.keys, self.p.reply_locals, self.p.domain,
+                                self.p.ref_prefix, self.p.ref_width, now)
+        return match_mod.match(mail, rcpts, self.records, ctx)
+
+    def _reject(self, inbound_id: int, rejection: Rejection) -> Result:
+        reason = f"over {rejection.bound}: {rejection.detail}"
+        self.records.quarantine(inbound_id, reason, step="parse")
+        log.warning("inbound %d quarantined: %s", inbound_id, reason)
+        return Result(inbound_id, Outcome.QUARANTINED, reason=reason)
+
+    def _failed(self, inbound_id: int, step: str, exc: Exception) -> Result | None:
+        row = self.records.inbound(inbound_id)
+        attempts = row["attempts"] if row else self.p.max_attempts
+        final = attempts >= self.p.max_attempts
+        error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        self.records.fail(inbound_id, step, error, quarantine=final)
+        # The exception text may quote the mail: the log gets its type only (patient data).
+        log.error("inbound %d failed at %s (attempt %d): %s%s", inbound_id, step, attempts,
+                  type(exc).__name__, ", quarantined" if final else "")
+        return Result(inbound_id, Outcome.QUARANTINED, reason=f"failed at {step}") if final else None
+
+    def _existing(self, row: dict[str, object]) -> Result:
+        outcome = Outcome(str(row["outcome"])) if row["outcome"] else Outcome.QUARANTINED
+        ecr_id = row["ecr_id"]
+        ref = self.records.ref(int(ecr_id)) if isinstance(ecr_id, int) else None
+        rung = match_mod.Rung(str(row["rung"])) if row["rung"] else None
+        return Result(int(str(row["id"])), outcome, ref, rung, str(row["reason"] or ""))
+
+    # --- recovery ------------------------------------------------------------------------------
+
+    def recover(self) -> list[Result]:
+        """On start: remove half-written temp files, then finish every accepted row."""
+        swept = self.spool.sweep()
+        if swept:
+            log.info("removed %d temporary spool files left by a crash", swept)
+        return self.process_waiting()
+
+
+def _outcome(kind: classify_mod.Classification) -> Outcome:
+    return Outcome.LOOP if kind.kind is Kind.LOOP else Outcome.AUTOMATIC
+
+
+def sniff_message_id(raw: bytes) -> str:
+    """The normalised Message-ID from the header block, without parsing the whole mail."""
+    end = raw.find(b"\r\n\r\n")
+    end2 = raw.find(b"\n\n")
+    head = raw[: min(x for x in (end, end2, 65536) if x >= 0)]
+    lines = head.replace(b"\r\n", b"\n").split(b"\n")
+    for i, line in enumerate(lines):
+        if line[:11].lower() == b"message-id:":
+            value = line[11:]
+            for cont in lines[i + 1 :]:
+                if cont[:1] in (b" ", b"\t"):
+                    value += cont
+                else:
+                    break
+            ids = parse_mod.message_ids([value.decode("latin-1")])
+            if ids:
+                return ids[0]
+            return parse_mod.normalise_id(value.decode("latin-1")) if b"@" in value else ""
+    return ""

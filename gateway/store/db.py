@@ -1,0 +1,163 @@
+"""The SQLite database: connection, transactions and numbered migrations.
+
+The only module that imports sqlite-utils. The connection runs in autocommit mode and every
+write happens inside `Database.write()`, an explicit BEGIN IMMEDIATE ... COMMIT, because
+sqlite-utils' own insert helpers commit on their own and would split our transactions.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+Row = dict[str, Any]
+
+
+class Database:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # One connection per Database; each thread or process opens its own (STYLE: traps).
+        conn = sqlite3.connect(str(path), isolation_level=None, timeout=60)
+        self.db = sqlite_utils.Database(conn)
+        self.conn = conn
+        self.execute("PRAGMA journal_mode=WAL")
+        self.execute("PRAGMA foreign_keys=ON")
+        self.execute("PRAGMA busy_timeout=60000")
+        self.execute("PRAGMA synchronous=NORMAL")
+        migrate(self)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> sqlite3.Cursor:
+        return self.conn.execute(sql, params)
+
+    def insert(self, table: str, row: Row) -> int:
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        cur = self.conn.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks})", list(row.values()))
+        return int(cur.lastrowid or 0)
+
+    def rows(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Row]:
+        return list(self.db.query(sql, params))
+
+    def row(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Row | None:
+        found = self.rows(sql, params)
+        return found[0] if found else None
+
+    def value(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        found = self.conn.execute(sql, params).fetchone()
+        return found[0] if found else None
+
+    @contextmanager
+    def write(self, durable: bool = False) -> Iterator[None]:
+        """One write transaction; `durable` commits with synchronous=FULL (acceptance, §7)."""
+        if durable:
+            self.execute("PRAGMA synchronous=FULL")
+        self.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.execute("ROLLBACK")
+            raise
+        else:
+            self.execute("COMMIT")
+        finally:
+            if durable:
+                self.execute("PRAGMA synchronous=NORMAL")
+
+    @staticmethod
+    def quote_fts(text: str) -> str:
+        return str(sqlite_utils.Database.quote_fts(None, text))  # type: ignore[arg-type]
+
+
+def _m1_core(d: Database) -> None:
+    d.execute("""CREATE TABLE contacts (
+        id INTEGER PRIMARY KEY, email TEXT NOT NULL UNIQUE, name TEXT NOT NULL DEFAULT '',
+        undeliverable_at TEXT, undeliverable_reason TEXT)""")
+    d.execute("""CREATE TABLE ecrs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, subject TEXT NOT NULL, status TEXT NOT NULL,
+        problem_type TEXT NOT NULL, requester_id INTEGER REFERENCES contacts(id),
+        related_to INTEGER REFERENCES ecrs(id), created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL, resolved_at TEXT, resolution_no INTEGER NOT NULL DEFAULT 0,
+        score INTEGER, score_comment TEXT, people TEXT NOT NULL DEFAULT '')""")
+    d.execute("CREATE INDEX ecrs_status ON ecrs(status, id)")
+    d.execute("CREATE INDEX ecrs_problem_type ON ecrs(problem_type)")
+    d.execute("""CREATE TABLE participants (
+        ecr_id INTEGER NOT NULL REFERENCES ecrs(id), contact_id INTEGER NOT NULL
+        REFERENCES contacts(id), role TEXT NOT NULL, added_at TEXT NOT NULL,
+        PRIMARY KEY (ecr_id, contact_id)) WITHOUT ROWID""")
+    d.execute("CREATE INDEX participants_contact ON participants(contact_id)")
+    d.execute("""CREATE TABLE inbound (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, dedupe_key TEXT NOT NULL, message_id TEXT,
+        source TEXT NOT NULL, mail_from TEXT NOT NULL DEFAULT '',
+        rcpt_tos TEXT NOT NULL DEFAULT '[]', received_at TEXT NOT NULL, size INTEGER NOT NULL,
+        spool_path TEXT NOT NULL, state TEXT NOT NULL, outcome TEXT,
+        duplicate_of INTEGER REFERENCES inbound(id), ecr_id INTEGER REFERENCES ecrs(id),
+        rung TEXT, reason TEXT NOT NULL DEFAULT '', classification TEXT,
+        trace TEXT NOT NULL DEFAULT '[]', sender TEXT, subject TEXT, attempts INTEGER NOT NULL
+        DEFAULT 0, failed_step TEXT, error TEXT, processed_at TEXT)""")
+    d.execute("CREATE UNIQUE INDEX inbound_key ON inbound(dedupe_key) WHERE duplicate_of IS NULL")
+    d.execute("CREATE INDEX inbound_state ON inbound(state, id)")
+    d.execute("CREATE INDEX inbound_message_id ON inbound(message_id)")
+    d.execute("""CREATE TABLE updates (
+        id INTEGER PRIMARY KEY, ecr_id INTEGER NOT NULL REFERENCES ecrs(id),
+        inbound_id INTEGER REFERENCES inbound(id), kind TEXT NOT NULL, author TEXT,
+        text TEXT NOT NULL, full_text TEXT NOT NULL DEFAULT '',
+        automatic INTEGER NOT NULL DEFAULT 0, message_id TEXT, created_at TEXT NOT NULL)""")
+    d.execute("CREATE INDEX updates_ecr ON updates(ecr_id)")
+    d.execute("""CREATE TABLE attachments (
+        id INTEGER PRIMARY KEY, update_id INTEGER NOT NULL REFERENCES updates(id),
+        sha256 TEXT NOT NULL, filename TEXT NOT NULL, content_type TEXT NOT NULL,
+        size INTEGER NOT NULL, content_id TEXT NOT NULL DEFAULT '',
+        inline INTEGER NOT NULL DEFAULT 0)""")
+    d.execute("CREATE INDEX attachments_update ON attachments(update_id)")
+    d.execute("CREATE INDEX attachments_sha ON attachments(sha256)")
+    d.execute("""CREATE TABLE events (
+        id INTEGER PRIMARY KEY, ecr_id INTEGER NOT NULL REFERENCES ecrs(id), at TEXT NOT NULL,
+        kind TEXT NOT NULL, from_status TEXT, to_status TEXT, by TEXT NOT NULL,
+        note TEXT NOT NULL DEFAULT '', inbound_id INTEGER REFERENCES inbound(id))""")
+    d.execute("CREATE INDEX events_ecr ON events(ecr_id)")
+    d.execute("""CREATE TABLE message_ids (
+        message_id TEXT PRIMARY KEY, ecr_id INTEGER NOT NULL REFERENCES ecrs(id),
+        direction TEXT NOT NULL) WITHOUT ROWID""")
+
+
+def _m2_search(d: Database) -> None:
+    # External-content FTS5 tables kept in step by triggers: search never scans the tables.
+    for table, cols in (("ecrs", ["subject", "problem_type", "people"]), ("updates", ["text"])):
+        _fts(d, table, cols)
+
+
+def _fts(d: Database, table: str, cols: list[str]) -> None:
+    names = ", ".join(cols)
+    new = ", ".join(f"new.{c}" for c in cols)
+    old = ", ".join(f"old.{c}" for c in cols)
+    fts = f"{table}_fts"
+    d.execute(f"CREATE VIRTUAL TABLE {fts} USING fts5({names}, content='{table}', "
+              "content_rowid='id', tokenize='unicode61 remove_diacritics 2')")
+    d.execute(f"CREATE TRIGGER {table}_ai AFTER INSERT ON {table} BEGIN "
+              f"INSERT INTO {fts}(rowid, {names}) VALUES (new.id, {new}); END")
+    d.execute(f"CREATE TRIGGER {table}_ad AFTER DELETE ON {table} BEGIN "
+              f"INSERT INTO {fts}({fts}, rowid, {names}) VALUES ('delete', old.id, {old}); END")
+    d.execute(f"CREATE TRIGGER {table}_au AFTER UPDATE OF {names} ON {table} BEGIN "
+              f"INSERT INTO {fts}({fts}, rowid, {names}) VALUES ('delete', old.id, {old}); "
+              f"INSERT INTO {fts}(rowid, {names}) VALUES (new.id, {new}); END")
+
+
+# Append only: a migration, once released, is never edited; its number is its position.
+MIGRATIONS: list[Callable[[Database], None]] = [_m1_core, _m2_search]
+
+
+def migrate(d: Database) -> None:
+    d.execute("CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, applied_at TEXT)")
+    with d.write():
+        done = int(d.value("SELECT COALESCE(MAX(version), 0) FROM migrations"))
+        for version, step in enumerate(MIGRATIONS[done:], start=done + 1):
+            step(d)
+            d.execute("INSERT INTO migrations VALUES (?, datetime('now'))", [version])

@@ -1,0 +1,120 @@
+"""Durable files: the spool of raw mails and the content-addressed attachment store.
+
+A file is durable once it was written to a temporary name, fsynced, renamed into place and its
+directory fsynced (Mailman's switchboard, Postfix's queue). A crash leaves at worst a temporary
+file, which `Spool.sweep()` removes on the next start.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+TMP = "tmp"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(target: Path, data: bytes, tmp_dir: Path, sync: bool = True) -> None:
+    """Write, fsync, rename, fsync the directory; `sync=False` leaves the fsyncs to the caller."""
+    created = [p for p in (target.parent.parent, target.parent) if not p.exists()]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        if sync:
+            fh.flush()
+            os.fsync(fh.fileno())
+    os.rename(tmp, target)
+    if sync:
+        fsync_dir(target.parent)
+        for directory in created:  # a new directory's own entry must be durable too
+            fsync_dir(directory.parent)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Raw mails as received, kept for the life of the inbound row (audit, replay)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp = root / TMP
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def new_name(self) -> str:
+        name = uuid.uuid4().hex
+        return f"{name[:2]}/{name}.eml"
+
+    def write(self, name: str, raw: bytes, sync: bool = True) -> None:
+        write_durably(self.root / name, raw, self.tmp, sync)
+
+    def sync(self, names: list[str]) -> None:
+        """The fsyncs `write(sync=False)` skipped, for a batch: each file, each directory once."""
+        for name in names:
+            fsync_file(self.root / name)
+        for directory in {(self.root / n).parent for n in names}:
+            fsync_dir(directory)
+        fsync_dir(self.root)
+
+    def read(self, name: str) -> bytes:
+        return (self.root / name).read_bytes()
+
+    def writable(self) -> bool:
+        return os.access(self.root, os.W_OK) and os.access(self.tmp, os.W_OK)
+
+    def sweep(self) -> int:
+        """Remove temporary files left by processes that are gone; returns how many."""
+        removed = 0
+        for tmp in self.tmp.glob("*.tmp"):
+            pid = tmp.name.partition("-")[0]
+            if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+                continue
+            if pid.isdigit() and int(pid) == os.getpid():
+                continue
+            tmp.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Blobs:
+    """Attachments under ab/cd/<sha256>: same bytes stored once, names never in a path."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp = root / TMP
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / sha256[2:4] / sha256
+
+    def put(self, sha256: str, data: bytes) -> None:
+        target = self.path(sha256)
+        if not target.exists():
+            write_durably(target, data, self.tmp)
+
+    def read(self, sha256: str) -> bytes:
+        return self.path(sha256).read_bytes()
