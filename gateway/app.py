@@ -39,28 +39,46 @@ def build_app(settings: Settings, clock: Clock = utcnow) -> App:
     data = settings.data_dir
     data.mkdir(parents=True, exist_ok=True)
     keys = load_keys(data / "secret.key")
-    instance_id = settings.gateway.instance_id or _once(data / "instance_id", lambda: secrets.token_hex(8))
+    instance_id = settings.gateway.instance_id or _once(
+        data / "instance_id", lambda: secrets.token_hex(8)
+    )
     db = Database(data / "gateway.db")
     g = settings.gateway
     records = Records(db, g.ref_prefix, g.ref_width)
     spool, blobs = Spool(data / "spool"), Blobs(data / "attachments")
     pipeline = Pipeline(records, spool, blobs, policies(settings, keys, instance_id), clock)
-    return App(settings, db, records, Queries(db, g.ref_prefix, g.ref_width), spool, blobs,
-               pipeline, keys, instance_id, clock)
+    return App(
+        settings,
+        db,
+        records,
+        Queries(db, g.ref_prefix, g.ref_width),
+        spool,
+        blobs,
+        pipeline,
+        keys,
+        instance_id,
+        clock,
+    )
 
 
 def policies(settings: Settings, keys: list[bytes], instance_id: str) -> Policies:
     g, lim = settings.gateway, settings.limits
     own = settings.own_addresses
     return Policies(
-        limits=Limits(settings.smtp.max_message_size, lim.max_header_size, lim.max_mime_depth,
-                      lim.max_parts, float(lim.parse_timeout)),
+        limits=Limits(
+            settings.smtp.max_message_size,
+            lim.max_header_size,
+            lim.max_mime_depth,
+            lim.max_parts,
+            float(lim.parse_timeout),
+        ),
         own=classify.Own(instance_id, own),
         rules=rules.Policy(
             reopen_window=timedelta(days=g.reopen_window_days),
             thanks_phrases=tuple(g.thanks_phrases),
             problem_types={k.lower(): v for k, v in g.problem_types.items()},
-            own_addresses=own),
+            own_addresses=own,
+        ),
         keys=keys,
         reply_locals=frozenset(a.partition("@")[0] for a in own if a.endswith("@" + g.domain)),
         domain=g.domain.lower(),

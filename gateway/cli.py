@@ -1,4 +1,4 @@
-"""The `ecr-gateway` command: thin click commands over the app; errors are one line, no traceback."""
+"""The `ecr-gateway` command: thin click commands over the app; errors are one line."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
@@ -31,7 +31,7 @@ class Failure(click.ClickException):
 
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
-        self.exit_code = code
+        self.exit_code = code  # type: ignore[misc]
 
 
 @contextmanager
@@ -52,8 +52,13 @@ def emit(data: Any) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config", type=click.Path(dir_okay=False), envvar="ECR_GATEWAY_CONFIG",
-              help="TOML config file (default: embedded defaults).")
+@click.option(
+    "--config",
+    "config",
+    type=click.Path(dir_okay=False),
+    envvar="ECR_GATEWAY_CONFIG",
+    help="TOML config file (default: embedded defaults).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every mail's outcome to stderr.")
 @click.pass_context
 def cli(ctx: click.Context, config: str | None, verbose: bool) -> None:
@@ -63,8 +68,11 @@ def cli(ctx: click.Context, config: str | None, verbose: bool) -> None:
     Example:
       ecr-gateway --config gateway.toml ecr list --status active
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     ctx.obj = {"config": config}
 
 
@@ -87,9 +95,12 @@ def serve(ctx: click.Context) -> None:
     signal.signal(signal.SIGINT, ask_stop)
     with opened(ctx) as app:
         recovered = app.pipeline.recover()
-        log.info("ecr-gateway serving: data in %s; %d waiting mails processed; listeners "
-                 "(SMTP, IMAP, HTTP) are not part of this release yet - use `ingest`/`import`",
-                 app.settings.data_dir, len(recovered))
+        log.info(
+            "ecr-gateway serving: data in %s; %d waiting mails processed; listeners "
+            "(SMTP, IMAP, HTTP) are not part of this release yet - use `ingest`/`import`",
+            app.settings.data_dir,
+            len(recovered),
+        )
         while not stop["now"]:
             app.pipeline.process_waiting()
             time.sleep(1)
@@ -122,13 +133,17 @@ def ingest(ctx: click.Context, file: str, sender: str, recipients: tuple[str, ..
         try:
             accepted = app.pipeline.accept(envelope)
         except Exception as exc:
-            raise Failure(f"not accepted, try later: {type(exc).__name__}: {exc}", EX_TEMPFAIL) from None
+            raise Failure(
+                f"not accepted, try later: {type(exc).__name__}: {exc}", EX_TEMPFAIL
+            ) from None
         emit(app.pipeline.process(accepted.inbound_id).as_json())
 
 
 @cli.command("import")
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
-@click.option("--workers", type=int, default=None, help="Parsing processes (default: one per core).")
+@click.option(
+    "--workers", type=int, default=None, help="Parsing processes (default: one per core)."
+)
 @click.pass_context
 def import_(ctx: click.Context, path: Path, workers: int | None) -> None:
     """Import an mbox, a maildir or a folder of .eml files, with a progress bar and a summary.
@@ -159,8 +174,13 @@ def ecr() -> None:
 @click.option("--problem-type", help="Problem type, e.g. LV.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @click.pass_context
-def ecr_list(ctx: click.Context, status: str | None, contact: str | None,
-             problem_type: str | None, as_json: bool) -> None:
+def ecr_list(
+    ctx: click.Context,
+    status: str | None,
+    contact: str | None,
+    problem_type: str | None,
+    as_json: bool,
+) -> None:
     """List ECRs.
 
     \b
@@ -168,7 +188,7 @@ def ecr_list(ctx: click.Context, status: str | None, contact: str | None,
       ecr-gateway ecr list --status pending --json
     """
     with opened(ctx) as app:
-        _print_ecrs(app.queries.list(status, contact, problem_type, limit=1_000_000), as_json)
+        _print_ecrs(app.queries.listing(status, contact, problem_type, limit=1_000_000), as_json)
 
 
 @ecr.command("show")
@@ -276,8 +296,10 @@ def quarantine_list(ctx: click.Context, as_json: bool) -> None:
             emit(rows)
             return
         for r in rows:
-            click.echo(f"{r['inbound_id']}\t{r['received_at']}\t{r['sender'] or r['mail_from'] or '?'}"
-                       f"\t{r['reason']}")
+            click.echo(
+                f"{r['inbound_id']}\t{r['received_at']}\t{r['sender'] or r['mail_from'] or '?'}"
+                f"\t{r['reason']}"
+            )
 
 
 @quarantine.command("show")
@@ -310,8 +332,11 @@ def quarantine_replay(ctx: click.Context, ident: str | None, replay_all: bool) -
     if bool(ident) == replay_all:
         raise Failure("give one ID or --all", EX_USAGE)
     with opened(ctx) as app:
-        ids = ([r["inbound_id"] for r in app.queries.quarantined()] if replay_all
-               else [_inbound(app, str(ident))["inbound_id"]])
+        ids = (
+            [r["inbound_id"] for r in app.queries.quarantined()]
+            if replay_all
+            else [_inbound(app, str(ident))["inbound_id"]]
+        )
         for inbound_id in ids:
             if not app.records.release(inbound_id):
                 raise Failure(f"inbound {inbound_id} is not quarantined")
@@ -345,18 +370,24 @@ def _print_ecrs(rows: list[dict[str, Any]], as_json: bool) -> None:
 def _explain(row: dict[str, Any]) -> str:
     lines = [
         f"inbound {row['inbound_id']}: {row['outcome'] or row['state']}"
-        + (f" {row['ref']}" if row["ref"] else "") + (f" via {row['rung']}" if row["rung"] else ""),
+        + (f" {row['ref']}" if row["ref"] else "")
+        + (f" via {row['rung']}" if row["rung"] else ""),
         f"  reason: {row['reason'] or '-'}",
-        f"  from {row['sender'] or row['mail_from'] or '?'} via {row['source']} at {row['received_at']}",
+        f"  from {row['sender'] or row['mail_from'] or '?'} via {row['source']}"
+        f" at {row['received_at']}",
         f"  message-id: {row['message_id'] or '(none)'}",
     ]
     if row["classification"]:
-        lines.append(f"  classified {row['classification']['kind']}: {row['classification']['reason']}")
+        lines.append(
+            f"  classified {row['classification']['kind']}: {row['classification']['reason']}"
+        )
     lines += [f"  match: {step}" for step in row["trace"]]
     if row["duplicate_of"]:
         lines.append(f"  duplicate of inbound {row['duplicate_of']}")
     if row["error"]:
-        lines.append(f"  failed at {row['failed_step']} after {row['attempts']} attempts: {row['error']}")
+        lines.append(
+            f"  failed at {row['failed_step']} after {row['attempts']} attempts: {row['error']}"
+        )
     return "\n".join(lines)
 
 
@@ -364,7 +395,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     sys.exit(run(argv))
 
 
-def run(argv: list[str] | None = None, entry: Callable[..., Any] = cli) -> int:
+def run(argv: list[str] | None = None, entry: click.Group = cli) -> int:
     """Map every error to one line on stderr and an exit code; never a traceback."""
     try:
         entry.main(args=argv, prog_name="ecr-gateway", standalone_mode=False)

@@ -47,15 +47,23 @@ DEFAULT_THANKS = [
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    domain: str = setting("localhost", "our mail domain: support address, Message-IDs, reply addresses")
-    support_address: str = setting("", "where practices write; the From of our mails (default support@<domain>)")
+    domain: str = setting(
+        "localhost", "our mail domain: support address, Message-IDs, reply addresses"
+    )
+    support_address: str = setting(
+        "", "where practices write; the From of our mails (default support@<domain>)"
+    )
     extra_addresses: list[str] = setting([], "more addresses we receive for, e.g. lv@...")
     problem_types: dict[str, str] = setting({}, "recipient address -> problem type")
     base_url: str = setting("http://127.0.0.1:8080", "start of score links")
     data_dir: str = setting("./data", "spool, database, attachments, sent/")
-    instance_id: str = setting("", "value of our X-ECR-Loop header (default: generated once, stored in the data dir)")
+    instance_id: str = setting(
+        "", "value of our X-ECR-Loop header (default: generated once, stored in the data dir)"
+    )
     reopen_window_days: int = setting(14, "replies to resolved ECRs reactivate within this window")
-    thanks_phrases: list[str] = setting(DEFAULT_THANKS, "replies consisting only of these do not reactivate")
+    thanks_phrases: list[str] = setting(
+        DEFAULT_THANKS, "replies consisting only of these do not reactivate"
+    )
     staff_alert_address: str = setting("", "receives staff_update mails (unset: none)")
     ref_prefix: str = setting("ECR-", "prefix of ECR references")
     ref_width: int = setting(6, "zero-padded width of the number in a reference")
@@ -68,7 +76,9 @@ class SmtpSettings:
     enabled: bool = setting(True, "run the SMTP receiver in serve")
     host: str = setting("127.0.0.1", "where the SMTP receiver listens")
     port: int = setting(2525, "SMTP port")
-    max_message_size: int = setting(52428800, "bytes; advertised as SIZE; also the largest mail any transport accepts")
+    max_message_size: int = setting(
+        52428800, "bytes; advertised as SIZE; also the largest mail any transport accepts"
+    )
     max_recipients: int = setting(100, "recipients per message")
     max_connections_per_peer: int = setting(20, "concurrent connections from one address")
     idle_timeout: int = setting(60, "seconds a client may stay silent")
@@ -147,9 +157,13 @@ def declared() -> list[tuple[str, dataclasses.Field[Any]]]:
     """Every (section, field) pair: the single declaration the README and the loader share."""
     out = []
     for section in dataclasses.fields(Settings):
-        for f in dataclasses.fields(section.default_factory()):  # type: ignore[misc]
+        for f in dataclasses.fields(_section_class(section)):
             out.append((section.name, f))
     return out
+
+
+def _section_class(section: dataclasses.Field[Any]) -> type:
+    return section.type if isinstance(section.type, type) else SECTIONS[section.name]
 
 
 def load_settings(path: str | Path | None, environ: Mapping[str, str]) -> Settings:
@@ -215,7 +229,8 @@ def _from_env_text(dotted: str, f: dataclasses.Field[Any], text: str) -> Any:
 def _kind(f: dataclasses.Field[Any]) -> type:
     if f.default is not dataclasses.MISSING:
         return type(f.default)
-    return type(f.default_factory())  # type: ignore[misc]
+    factory: Any = f.default_factory
+    return type(factory())
 
 
 def _build(raw: dict[str, dict[str, Any]]) -> Settings:
@@ -224,7 +239,7 @@ def _build(raw: dict[str, dict[str, Any]]) -> Settings:
     for name, values in raw.items():
         if name not in sections:
             raise ConfigError(f"[{name}]: no such section")
-        cls = sections[name].default_factory().__class__  # type: ignore[misc]
+        cls = _section_class(sections[name])
         built[name] = cls(**_checked(name, cls, values))
     settings = Settings(**built)
     _validate(settings)
@@ -238,7 +253,7 @@ def _checked(section: str, cls: type, values: dict[str, Any]) -> dict[str, Any]:
         if key not in fields:
             raise ConfigError(f"{section}.{key}: no such setting")
         kind = _kind(fields[key])
-        if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
             raise ConfigError(
                 f"{section}.{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}"
             )
@@ -256,8 +271,16 @@ def _validate(s: Settings) -> None:
         ("smtp.max_message_size", s.smtp.max_message_size > 0, "must be positive"),
         ("limits.max_parts", s.limits.max_parts > 0, "must be positive"),
         ("limits.max_mime_depth", s.limits.max_mime_depth > 0, "must be positive"),
-        ("outbound.security", s.outbound.security in ("tls", "starttls", "none"), "must be tls, starttls or none"),
-        ("gateway.domain", "@" not in s.gateway.domain and s.gateway.domain != "", "must be a bare domain"),
+        (
+            "outbound.security",
+            s.outbound.security in ("tls", "starttls", "none"),
+            "must be tls, starttls or none",
+        ),
+        (
+            "gateway.domain",
+            "@" not in s.gateway.domain and s.gateway.domain != "",
+            "must be a bare domain",
+        ),
     ]
     for key, ok, why in checks:
         if not ok:
@@ -265,3 +288,14 @@ def _validate(s: Settings) -> None:
     for address, kind in s.gateway.problem_types.items():
         if not isinstance(kind, str) or "@" not in address:
             raise ConfigError(f"gateway.problem_types: {address!r} must map an address to a name")
+
+
+SECTIONS: dict[str, type] = {
+    "gateway": GatewaySettings,
+    "smtp": SmtpSettings,
+    "imap": ImapSettings,
+    "outbound": OutboundSettings,
+    "http": HttpSettings,
+    "limits": LimitsSettings,
+    "templates": TemplatesSettings,
+}

@@ -7,6 +7,7 @@ with the step's name; after `max_attempts` the mail is quarantined, never droppe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -19,7 +20,17 @@ from gateway.mail import classify as classify_mod
 from gateway.mail import match as match_mod
 from gateway.mail import parse as parse_mod
 from gateway.mail import rules
-from gateway.model import Envelope, Kind, Outcome, ParsedMail, Rejection, Result
+from gateway.model import (
+    Classification,
+    Envelope,
+    Kind,
+    Match,
+    Outcome,
+    ParsedMail,
+    Rejection,
+    Result,
+    Rung,
+)
 from gateway.store.files import Blobs, Spool
 from gateway.store.records import Accepted, Arrival, Records
 
@@ -55,8 +66,14 @@ def dedupe_key(message_id: str, raw: bytes) -> str:
 
 
 class Pipeline:
-    def __init__(self, records: Records, spool: Spool, blobs: Blobs, policies: Policies,
-                 clock: Clock = utcnow) -> None:
+    def __init__(
+        self,
+        records: Records,
+        spool: Spool,
+        blobs: Blobs,
+        policies: Policies,
+        clock: Clock = utcnow,
+    ) -> None:
         self.records = records
         self.spool = spool
         self.blobs = blobs
@@ -76,8 +93,13 @@ class Pipeline:
             self.spool.sync([a.spool_name for a in arrivals])
         accepted = self.records.accept(arrivals)
         for a, env in zip(accepted, envelopes, strict=True):
-            log.info("inbound %d accepted from %s, %d bytes%s", a.inbound_id, env.source,
-                     len(env.raw), f", duplicate of {a.duplicate_of}" if a.duplicate_of else "")
+            log.info(
+                "inbound %d accepted from %s, %d bytes%s",
+                a.inbound_id,
+                env.source,
+                len(env.raw),
+                f", duplicate of {a.duplicate_of}" if a.duplicate_of else "",
+            )
         return accepted
 
     def _spool(self, envelope: Envelope, sync: bool) -> Arrival:
@@ -85,10 +107,15 @@ class Pipeline:
         self.spool.write(name, envelope.raw, sync=sync)
         message_id = sniff_message_id(envelope.raw)
         return Arrival(
-            dedupe_key=dedupe_key(message_id, envelope.raw), message_id=message_id,
-            source=envelope.source, mail_from=envelope.mail_from,
-            rcpt_tos=tuple(envelope.rcpt_tos), received_at=envelope.received_at or self.clock(),
-            size=len(envelope.raw), spool_name=name)
+            dedupe_key=dedupe_key(message_id, envelope.raw),
+            message_id=message_id,
+            source=envelope.source,
+            mail_from=envelope.mail_from,
+            rcpt_tos=tuple(envelope.rcpt_tos),
+            received_at=envelope.received_at or self.clock(),
+            size=len(envelope.raw),
+            spool_name=name,
+        )
 
     # --- 2..5 process --------------------------------------------------------------------------
 
@@ -96,14 +123,18 @@ class Pipeline:
         accepted = self.accept(envelope)
         return self.process(accepted.inbound_id)
 
-    def process_waiting(self, parse_many: BatchParser | None = None, batch: int = 256) -> list[Result]:
+    def process_waiting(
+        self, parse_many: BatchParser | None = None, batch: int = 256
+    ) -> list[Result]:
         """Every accepted, unprocessed row: start-up recovery, replay, a batch of imports."""
         results: list[Result] = []
         while ids := self.records.waiting(batch):
             results += self.process_many(ids, parse_many)
         return results
 
-    def process_many(self, ids: Sequence[int], parse_many: BatchParser | None = None) -> list[Result]:
+    def process_many(
+        self, ids: Sequence[int], parse_many: BatchParser | None = None
+    ) -> list[Result]:
         """Rows in order; `parse_many` may parse their bytes elsewhere (on other cores)."""
         if parse_many is None:
             return [self.process(i) for i in ids]
@@ -113,7 +144,8 @@ class Pipeline:
         results = []
         for row, mail in zip(todo, parsed, strict=True):
             self.records.begin_attempt(row["id"])
-            results.append(self._attempt(row["id"], lambda m=mail: m) or self.process(row["id"]))
+            done = self._attempt(row["id"], functools.partial(_given, mail))
+            results.append(done or self.process(row["id"]))
         return results
 
     def process(self, inbound_id: int) -> Result:
@@ -126,11 +158,15 @@ class Pipeline:
                 return self._existing(row)
             self.records.begin_attempt(inbound_id)
             raw = self.spool.read(row["spool_path"])
-            result = self._attempt(inbound_id, lambda: parse_mod.parse(raw, self.p.limits))
+            result = self._attempt(
+                inbound_id, functools.partial(parse_mod.parse, raw, self.p.limits)
+            )
             if result is not None:
                 return result
 
-    def _attempt(self, inbound_id: int, parse: Callable[[], ParsedMail | Rejection]) -> Result | None:
+    def _attempt(
+        self, inbound_id: int, parse: Callable[[], ParsedMail | Rejection]
+    ) -> Result | None:
         """One attempt: an outcome, or None when it failed and another attempt is due."""
         step = "parse"
         try:
@@ -147,9 +183,13 @@ class Pipeline:
         assert row is not None
         too_big = [a for a in mail.attachments if a.size > self.p.max_attachment_size]
         if too_big:
-            return self._reject(inbound_id, Rejection(
-                "max_attachment_size", f"an attachment of {too_big[0].size} bytes"))
-        kind = classify_mod.classify(mail, row["source"] == "smtp" and not row["mail_from"], self.p.own)
+            return self._reject(
+                inbound_id,
+                Rejection("max_attachment_size", f"an attachment of {too_big[0].size} bytes"),
+            )
+        kind = classify_mod.classify(
+            mail, row["source"] == "smtp" and not row["mail_from"], self.p.own
+        )
         if kind.kind not in (Kind.LOOP, Kind.BOUNCE):
             # Files first, outside the write lock: content-addressed, so a retry rewrites nothing.
             for a in mail.attachments:
@@ -162,21 +202,36 @@ class Pipeline:
                 return self._existing(current or row)
             found = self._match(mail, kind, rcpts, now)
             if found is None:
-                result = self.records.record(inbound_id, _outcome(kind), kind.reason, kind, mail, now)
+                result = self.records.record(
+                    inbound_id, _outcome(kind), kind.reason, kind, mail, now
+                )
             else:
                 plan = rules.decide(mail, kind, found, rcpts, self.p.rules, now)
                 result = self.records.apply(inbound_id, mail, kind, found, plan, now)
-        log.info("inbound %d %s %s via %s: %s", inbound_id, result.outcome, result.ref or "-",
-                 result.rung or "-", result.reason)
+        log.info(
+            "inbound %d %s %s via %s: %s",
+            inbound_id,
+            result.outcome,
+            result.ref or "-",
+            result.rung or "-",
+            result.reason,
+        )
         return result
 
-    def _match(self, mail: ParsedMail, kind: classify_mod.Classification, rcpts: list[str],
-               now: datetime) -> match_mod.Match | None:
+    def _match(
+        self, mail: ParsedMail, kind: Classification, rcpts: list[str], now: datetime
+    ) -> Match | None:
         """Loops and bounces are never matched: a bounce quotes our mail, references and all."""
         if kind.kind in (Kind.LOOP, Kind.BOUNCE):
             return None
-        ctx = match_mod.Context(self.p.keys, self.p.reply_locals, self.p.domain,
-                                self.p.ref_prefix, self.p.ref_width, now)
+        ctx = match_mod.Context(
+            self.p.keys,
+            self.p.reply_locals,
+            self.p.domain,
+            self.p.ref_prefix,
+            self.p.ref_width,
+            now,
+        )
         return match_mod.match(mail, rcpts, self.records, ctx)
 
     def _reject(self, inbound_id: int, rejection: Rejection) -> Result:
@@ -192,15 +247,23 @@ class Pipeline:
         error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         self.records.fail(inbound_id, step, error, quarantine=final)
         # The exception text may quote the mail: the log gets its type only (patient data).
-        log.error("inbound %d failed at %s (attempt %d): %s%s", inbound_id, step, attempts,
-                  type(exc).__name__, ", quarantined" if final else "")
-        return Result(inbound_id, Outcome.QUARANTINED, reason=f"failed at {step}") if final else None
+        log.error(
+            "inbound %d failed at %s (attempt %d): %s%s",
+            inbound_id,
+            step,
+            attempts,
+            type(exc).__name__,
+            ", quarantined" if final else "",
+        )
+        return (
+            Result(inbound_id, Outcome.QUARANTINED, reason=f"failed at {step}") if final else None
+        )
 
     def _existing(self, row: dict[str, object]) -> Result:
         outcome = Outcome(str(row["outcome"])) if row["outcome"] else Outcome.QUARANTINED
         ecr_id = row["ecr_id"]
         ref = self.records.ref(int(ecr_id)) if isinstance(ecr_id, int) else None
-        rung = match_mod.Rung(str(row["rung"])) if row["rung"] else None
+        rung = Rung(str(row["rung"])) if row["rung"] else None
         return Result(int(str(row["id"])), outcome, ref, rung, str(row["reason"] or ""))
 
     # --- recovery ------------------------------------------------------------------------------
@@ -213,8 +276,12 @@ class Pipeline:
         return self.process_waiting()
 
 
-def _outcome(kind: classify_mod.Classification) -> Outcome:
+def _outcome(kind: Classification) -> Outcome:
     return Outcome.LOOP if kind.kind is Kind.LOOP else Outcome.AUTOMATIC
+
+
+def _given(mail: ParsedMail | Rejection) -> ParsedMail | Rejection:
+    return mail
 
 
 def sniff_message_id(raw: bytes) -> str:

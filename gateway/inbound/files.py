@@ -38,9 +38,9 @@ def _raws(path: Path) -> Iterator[bytes]:
         for file in sorted(path.rglob("*.eml")):
             yield file.read_bytes()
     elif path.is_file() and _looks_like_mbox(path):
-        box = mailbox.mbox(str(path), create=False)
-        for key in box.iterkeys():
-            yield box.get_bytes(key)
+        mbox = mailbox.mbox(str(path), create=False)
+        for key in mbox.iterkeys():
+            yield mbox.get_bytes(key)
     elif path.is_file():
         yield path.read_bytes()
     else:
@@ -52,8 +52,13 @@ def _looks_like_mbox(path: Path) -> bool:
         return fh.read(5) == b"From "
 
 
-def run_import(pipeline: Pipeline, path: Path, on_progress: Callable[[int], None],
-               batch: int = 200, workers: int | None = None) -> Counter[str]:
+def run_import(
+    pipeline: Pipeline,
+    path: Path,
+    on_progress: Callable[[int], None],
+    batch: int = 200,
+    workers: int | None = None,
+) -> Counter[str]:
     """Accept in batches (one commit and shared fsyncs each), then process, parsing on every core.
 
     Each batch is accepted before any of it is processed, so a crash mid-import loses nothing

@@ -45,7 +45,11 @@ def reference_pattern(prefix: str) -> re.Pattern[str]:
 def match(mail: ParsedMail, rcpt_tos: Sequence[str], look: Lookups, ctx: Context) -> Match:
     trace: list[str] = []
     named: list[EcrView] = []
-    for rung, find in ((Rung.TOKEN, _by_token), (Rung.THREAD, _by_thread), (Rung.SUBJECT, _by_subject)):
+    for rung, find in (
+        (Rung.TOKEN, _by_token),
+        (Rung.THREAD, _by_thread),
+        (Rung.SUBJECT, _by_subject),
+    ):
         ecr, allowed_also = find(mail, rcpt_tos, look, ctx, trace)
         if ecr is None:
             continue
@@ -75,8 +79,9 @@ def _may_update(mail: ParsedMail, ecr: EcrView, allowed_also: str) -> bool:
 Found = tuple[EcrView | None, str]
 
 
-def _by_token(mail: ParsedMail, rcpt_tos: Sequence[str], look: Lookups, ctx: Context,
-              trace: list[str]) -> Found:
+def _by_token(
+    mail: ParsedMail, rcpt_tos: Sequence[str], look: Lookups, ctx: Context, trace: list[str]
+) -> Found:
     for address in _recipients(mail, rcpt_tos):
         local, _, domain = address.rpartition("@")
         base, plus, text = local.partition("+")
@@ -102,8 +107,9 @@ def _recipients(mail: ParsedMail, rcpt_tos: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(seen))
 
 
-def _by_thread(mail: ParsedMail, rcpt_tos: Sequence[str], look: Lookups, ctx: Context,
-               trace: list[str]) -> Found:
+def _by_thread(
+    mail: ParsedMail, rcpt_tos: Sequence[str], look: Lookups, ctx: Context, trace: list[str]
+) -> Found:
     ids = list(dict.fromkeys((*mail.in_reply_to, *mail.references)))
     ecr_id = look.ecr_for_message_ids(ids) if ids else None
     ecr = look.ecr(ecr_id) if ecr_id is not None else None
@@ -112,8 +118,9 @@ def _by_thread(mail: ParsedMail, rcpt_tos: Sequence[str], look: Lookups, ctx: Co
     return ecr, ""
 
 
-def _by_subject(mail: ParsedMail, rcpt_tos: Sequence[str], look: Lookups, ctx: Context,
-                trace: list[str]) -> Found:
+def _by_subject(
+    mail: ParsedMail, rcpt_tos: Sequence[str], look: Lookups, ctx: Context, trace: list[str]
+) -> Found:
     for m in reference_pattern(ctx.ref_prefix).finditer(mail.subject):
         ecr = look.ecr(int(m.group(1)))
         if ecr is not None:

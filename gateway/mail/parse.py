@@ -19,7 +19,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -106,7 +106,9 @@ def parse(raw: bytes, limits: Limits = Limits()) -> ParsedMail | Rejection:
 def _check_size(raw: bytes, limits: Limits) -> Rejection | None:
     if len(raw) > limits.max_message_size:
         return Rejection("max_message_size", f"{len(raw)} bytes > {limits.max_message_size}")
-    head_end = min((i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0), default=len(raw))
+    head_end = min(
+        (i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0), default=len(raw)
+    )
     if head_end > limits.max_header_size:
         return Rejection("max_header_size", f"header block over {limits.max_header_size} bytes")
     return None
@@ -145,7 +147,9 @@ class _ParsedBuilder:
         self.defects.extend(_defect_names(mp.defects_categories))
         self._walk()
         if self.deadline.passed():
-            return Rejection("parse_timeout", f"parsing took longer than {self.limits.parse_timeout:g}s")
+            return Rejection(
+                "parse_timeout", f"parsing took longer than {self.limits.parse_timeout:g}s"
+            )
         sender, trusted, why = identity(self.message)
         body = self._body()
         return ParsedMail(
@@ -246,7 +250,11 @@ def _leaves(message: Message) -> Iterator[Message]:
         part = stack.pop()
         payload = part.get_payload()
         is_attached_mail = part.get_content_maintype() == "message"
-        if isinstance(payload, list) and not is_attached_mail and part.get_content_type() != "message/delivery-status":
+        if (
+            isinstance(payload, list)
+            and not is_attached_mail
+            and part.get_content_type() != "message/delivery-status"
+        ):
             stack.extend(reversed([p for p in payload if isinstance(p, Message)]))
         elif part.get_content_type() == "message/delivery-status":
             continue
@@ -255,7 +263,10 @@ def _leaves(message: Message) -> Iterator[Message]:
 
 
 def _is_body_text(part: Message) -> bool:
-    if part.get_content_type() not in ("text/plain", "text/html") and part.get_content_maintype() != "multipart":
+    if (
+        part.get_content_type() not in ("text/plain", "text/html")
+        and part.get_content_maintype() != "multipart"
+    ):
         return False
     return part.get_content_disposition() != "attachment" and not part.get_filename()
 
@@ -356,7 +367,7 @@ def _first_id(value: object) -> str:
     return bare if bare and " " not in bare else ""
 
 
-def message_ids(values: list[object]) -> tuple[str, ...]:
+def message_ids(values: Sequence[object]) -> tuple[str, ...]:
     found: list[str] = []
     for value in values:
         for m in MSGID.finditer(header_text(value)):
@@ -402,7 +413,7 @@ def identity(message: Message) -> tuple[Address | None, bool, str]:
 
 def _plausible(addr: str) -> bool:
     local, _, domain = addr.rpartition("@")
-    return bool(local) and "." in domain or domain == "localhost"
+    return (bool(local) and "." in domain) or domain == "localhost"
 
 
 def _hidden_address(sender: Address) -> bool:

@@ -21,7 +21,9 @@ MOBILE = re.compile(
     r"von meinem \w+ gesendet)\b",
     re.IGNORECASE,
 )
-ATTRIBUTION = re.compile(r"(wrote|schrieb|a écrit|escribió|heeft geschreven|skrev|napisał)\s*:\s*$", re.I)
+ATTRIBUTION = re.compile(
+    r"(wrote|schrieb|a écrit|escribió|heeft geschreven|skrev|napisał)\s*:\s*$", re.I
+)
 
 
 def new_text(body: str) -> str:

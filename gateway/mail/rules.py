@@ -25,8 +25,26 @@ from gateway.model import (
 COMMAND = re.compile(r"^\s*(status|problem[ _-]?type)\s*:\s*(.*?)\s*$", re.IGNORECASE)
 REACTIVATE = {"re-activate", "reactivate", "re-open", "reopen", "re-activated", "reactivated"}
 # Words that may follow a thanks phrase without making it more than thanks.
-THANKS_FILLER = {"so", "much", "very", "again", "a", "lot", "you", "for", "your", "help", "all",
-                 "the", "team", "everyone", "guys", "kindly", "and", "many"}
+THANKS_FILLER = {
+    "so",
+    "much",
+    "very",
+    "again",
+    "a",
+    "lot",
+    "you",
+    "for",
+    "your",
+    "help",
+    "all",
+    "the",
+    "team",
+    "everyone",
+    "guys",
+    "kindly",
+    "and",
+    "many",
+}
 OUTSTANDING = (Status.ACTIVE, Status.REACTIVATED)
 
 
@@ -46,8 +64,14 @@ class Commands:
     text: str  # what remains once the command lines are removed
 
 
-def decide(mail: ParsedMail, kind: Classification, found: Match, rcpt_tos: Sequence[str],
-           policy: Policy, now: datetime) -> Plan:
+def decide(
+    mail: ParsedMail,
+    kind: Classification,
+    found: Match,
+    rcpt_tos: Sequence[str],
+    policy: Policy,
+    now: datetime,
+) -> Plan:
     if kind.kind is Kind.LOOP:
         return Plan(Action.LOOP, Outcome.LOOP, kind.reason)
     if kind.automatic:
@@ -64,28 +88,56 @@ def decide(mail: ParsedMail, kind: Classification, found: Match, rcpt_tos: Seque
     notes = cmds.notes
     if cmds.problem_type:
         notes += (f"Problem Type line not applied to an existing ECR: {cmds.problem_type}",)
-    return Plan(Action.UPDATE, Outcome.UPDATED, why, ecr_id=ecr.id, new_status=status,
-                text=cmds.text, notes=notes, add_participants=_cc(mail, policy))
+    return Plan(
+        Action.UPDATE,
+        Outcome.UPDATED,
+        why,
+        ecr_id=ecr.id,
+        new_status=status,
+        text=cmds.text,
+        notes=notes,
+        add_participants=_cc(mail, policy),
+    )
 
 
 def _automatic(mail: ParsedMail, kind: Classification, found: Match) -> Plan:
     if found.ecr is not None:
-        return Plan(Action.NOTE, Outcome.AUTOMATIC, f"{kind.reason}; noted on {found.ecr.ref}",
-                    ecr_id=found.ecr.id, text=mail.new_text)
+        return Plan(
+            Action.NOTE,
+            Outcome.AUTOMATIC,
+            f"{kind.reason}; noted on {found.ecr.ref}",
+            ecr_id=found.ecr.id,
+            text=mail.new_text,
+        )
     return Plan(Action.RECORD, Outcome.AUTOMATIC, kind.reason)
 
 
-def _create(mail: ParsedMail, found: Match, cmds: Commands, rcpt_tos: Sequence[str],
-            policy: Policy, why: str, related: int | None = None) -> Plan:
+def _create(
+    mail: ParsedMail,
+    found: Match,
+    cmds: Commands,
+    rcpt_tos: Sequence[str],
+    policy: Policy,
+    why: str,
+    related: int | None = None,
+) -> Plan:
     related = related if related is not None else found.related_to
     if found.related_to is not None and related == found.related_to:
         why = "sender may not update the ECR it named; new ECR related to it"
     if found.named_missing:
         why = f"{found.named_missing} does not exist; new ECR"
     kind = cmds.problem_type or _mapped_type(mail, rcpt_tos, policy) or "General"
-    return Plan(Action.CREATE, Outcome.CREATED, why, new_status=Status.ACTIVE, related_to=related,
-                problem_type=kind, text=cmds.text, notes=cmds.notes,
-                add_participants=_cc(mail, policy) if mail.trusted else ())
+    return Plan(
+        Action.CREATE,
+        Outcome.CREATED,
+        why,
+        new_status=Status.ACTIVE,
+        related_to=related,
+        problem_type=kind,
+        text=cmds.text,
+        notes=cmds.notes,
+        add_participants=_cc(mail, policy) if mail.trusted else (),
+    )
 
 
 def _next_status(current: Status, cmds: Commands, policy: Policy) -> tuple[Status | None, str]:
@@ -120,7 +172,10 @@ def _cc(mail: ParsedMail, policy: Policy) -> tuple[Address, ...]:
 def ours(address: str, policy: Policy) -> bool:
     """One of our addresses, with or without a +tag (reply addresses are ours too)."""
     local, _, domain = address.rpartition("@")
-    return address in policy.own_addresses or f"{local.partition('+')[0]}@{domain}" in policy.own_addresses
+    return (
+        address in policy.own_addresses
+        or f"{local.partition('+')[0]}@{domain}" in policy.own_addresses
+    )
 
 
 def commands(text: str) -> Commands:
@@ -152,8 +207,10 @@ def thanks_only(text: str, phrases: Sequence[str]) -> bool:
     if not lines or "?" in text:
         return False
     words = _words(lines[0])
-    matched = next((p for p in sorted(phrases, key=len, reverse=True)
-                    if words[: len(_words(p))] == _words(p)), None)
+    matched = next(
+        (p for p in sorted(phrases, key=len, reverse=True) if words[: len(_words(p))] == _words(p)),
+        None,
+    )
     if matched is None:
         return False
     rest = words[len(_words(matched)) :]

@@ -44,8 +44,15 @@ class Token:
     expires: datetime
 
 
-def issue(key: bytes, purpose: Purpose, ecr_id: int, contact_id: int, counter: int,
-          now: datetime, valid_for: timedelta) -> str:
+def issue(
+    key: bytes,
+    purpose: Purpose,
+    ecr_id: int,
+    contact_id: int,
+    counter: int,
+    now: datetime,
+    valid_for: timedelta,
+) -> str:
     day = min((now + valid_for - EPOCH).days + 1, 0xFFFF)
     body = _BODY.pack(VERSION, purpose, ecr_id, contact_id, counter & 0xFFFF, day)
     return _b32(body + _mac(key, body))

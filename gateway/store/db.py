@@ -40,7 +40,9 @@ class Database:
     def insert(self, table: str, row: Row) -> int:
         cols = ", ".join(row)
         marks = ", ".join("?" for _ in row)
-        cur = self.conn.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks})", list(row.values()))
+        cur = self.conn.execute(
+            f"INSERT INTO {table} ({cols}) VALUES ({marks})", list(row.values())
+        )
         return int(cur.lastrowid or 0)
 
     def rows(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Row]:
@@ -139,15 +141,23 @@ def _fts(d: Database, table: str, cols: list[str]) -> None:
     new = ", ".join(f"new.{c}" for c in cols)
     old = ", ".join(f"old.{c}" for c in cols)
     fts = f"{table}_fts"
-    d.execute(f"CREATE VIRTUAL TABLE {fts} USING fts5({names}, content='{table}', "
-              "content_rowid='id', tokenize='unicode61 remove_diacritics 2')")
-    d.execute(f"CREATE TRIGGER {table}_ai AFTER INSERT ON {table} BEGIN "
-              f"INSERT INTO {fts}(rowid, {names}) VALUES (new.id, {new}); END")
-    d.execute(f"CREATE TRIGGER {table}_ad AFTER DELETE ON {table} BEGIN "
-              f"INSERT INTO {fts}({fts}, rowid, {names}) VALUES ('delete', old.id, {old}); END")
-    d.execute(f"CREATE TRIGGER {table}_au AFTER UPDATE OF {names} ON {table} BEGIN "
-              f"INSERT INTO {fts}({fts}, rowid, {names}) VALUES ('delete', old.id, {old}); "
-              f"INSERT INTO {fts}(rowid, {names}) VALUES (new.id, {new}); END")
+    d.execute(
+        f"CREATE VIRTUAL TABLE {fts} USING fts5({names}, content='{table}', "
+        "content_rowid='id', tokenize='unicode61 remove_diacritics 2')"
+    )
+    d.execute(
+        f"CREATE TRIGGER {table}_ai AFTER INSERT ON {table} BEGIN "
+        f"INSERT INTO {fts}(rowid, {names}) VALUES (new.id, {new}); END"
+    )
+    d.execute(
+        f"CREATE TRIGGER {table}_ad AFTER DELETE ON {table} BEGIN "
+        f"INSERT INTO {fts}({fts}, rowid, {names}) VALUES ('delete', old.id, {old}); END"
+    )
+    d.execute(
+        f"CREATE TRIGGER {table}_au AFTER UPDATE OF {names} ON {table} BEGIN "
+        f"INSERT INTO {fts}({fts}, rowid, {names}) VALUES ('delete', old.id, {old}); "
+        f"INSERT INTO {fts}(rowid, {names}) VALUES (new.id, {new}); END"
+    )
 
 
 # Append only: a migration, once released, is never edited; its number is its position.
@@ -155,7 +165,9 @@ MIGRATIONS: list[Callable[[Database], None]] = [_m1_core, _m2_search]
 
 
 def migrate(d: Database) -> None:
-    d.execute("CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, applied_at TEXT)")
+    d.execute(
+        "CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, applied_at TEXT)"
+    )
     with d.write():
         done = int(d.value("SELECT COALESCE(MAX(version), 0) FROM migrations"))
         for version, step in enumerate(MIGRATIONS[done:], start=done + 1):

@@ -36,7 +36,9 @@ class Queries:
     def ecr(self, ecr_id: int) -> dict[str, Any] | None:
         row = self.db.row(
             f"SELECT {ECR_COLUMNS} FROM ecrs e LEFT JOIN contacts c ON c.id = e.requester_id "
-            "WHERE e.id = ?", [ecr_id])
+            "WHERE e.id = ?",
+            [ecr_id],
+        )
         if row is None:
             return None
         out = self._summary(row, self._participants([ecr_id]).get(ecr_id, []))
@@ -44,8 +46,14 @@ class Queries:
         out["events"] = self._events(ecr_id)
         return out
 
-    def list(self, status: str | None = None, contact: str | None = None,
-             problem_type: str | None = None, limit: int = 1000, offset: int = 0) -> list[dict[str, Any]]:
+    def listing(
+        self,
+        status: str | None = None,
+        contact: str | None = None,
+        problem_type: str | None = None,
+        limit: int = 1000,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
         where, params = ["1"], []
         if status:
             where.append("e.status = ?")
@@ -58,7 +66,9 @@ class Queries:
             params.append("people : " + self.db.quote_fts(contact))
         rows = self.db.rows(
             f"SELECT {ECR_COLUMNS} FROM ecrs e LEFT JOIN contacts c ON c.id = e.requester_id "
-            f"WHERE {' AND '.join(where)} ORDER BY e.id LIMIT ? OFFSET ?", [*params, limit, offset])
+            f"WHERE {' AND '.join(where)} ORDER BY e.id LIMIT ? OFFSET ?",
+            [*params, limit, offset],
+        )
         return self._summaries(rows)
 
     def search(self, text: str, limit: int = 200) -> list[dict[str, Any]]:
@@ -67,19 +77,30 @@ class Queries:
         query = self.db.quote_fts(text)
         ids = [direct] if direct is not None else []
         if query.strip('" '):
-            ids += [r["rowid"] for r in self.db.rows(
-                "SELECT rowid FROM ecrs_fts WHERE ecrs_fts MATCH ? ORDER BY rank LIMIT ?",
-                [query, limit])]
-            ids += [r["ecr_id"] for r in self.db.rows(
-                "SELECT DISTINCT u.ecr_id FROM updates_fts f JOIN updates u ON u.id = f.rowid "
-                "WHERE updates_fts MATCH ? LIMIT ?", [query, limit])]
+            ids += [
+                r["rowid"]
+                for r in self.db.rows(
+                    "SELECT rowid FROM ecrs_fts WHERE ecrs_fts MATCH ? ORDER BY rank LIMIT ?",
+                    [query, limit],
+                )
+            ]
+            ids += [
+                r["ecr_id"]
+                for r in self.db.rows(
+                    "SELECT DISTINCT u.ecr_id FROM updates_fts f JOIN updates u ON u.id = f.rowid "
+                    "WHERE updates_fts MATCH ? LIMIT ?",
+                    [query, limit],
+                )
+            ]
         ids = list(dict.fromkeys(ids))[:limit]
         if not ids:
             return []
         marks = ", ".join("?" for _ in ids)
         rows = self.db.rows(
             f"SELECT {ECR_COLUMNS} FROM ecrs e LEFT JOIN contacts c ON c.id = e.requester_id "
-            f"WHERE e.id IN ({marks})", ids)
+            f"WHERE e.id IN ({marks})",
+            ids,
+        )
         order = {i: n for n, i in enumerate(ids)}
         return self._summaries(sorted(rows, key=lambda r: order[r["id"]]))
 
@@ -88,15 +109,23 @@ class Queries:
         return [self._summary(r, people.get(r["id"], [])) for r in rows]
 
     def _summary(self, row: Row, participants: list[str]) -> dict[str, Any]:
-        requester = ({"email": row["requester_email"], "name": row["requester_name"]}
-                     if row["requester_email"] else None)
+        requester = (
+            {"email": row["requester_email"], "name": row["requester_name"]}
+            if row["requester_email"]
+            else None
+        )
         return {
-            "ref": self.ref(row["id"]), "status": row["status"], "subject": row["subject"],
-            "problem_type": row["problem_type"], "requester": requester,
+            "ref": self.ref(row["id"]),
+            "status": row["status"],
+            "subject": row["subject"],
+            "problem_type": row["problem_type"],
+            "requester": requester,
             "participants": participants,
             "related_to": self.ref(row["related_to"]) if row["related_to"] else None,
-            "created_at": row["created_at"], "updated_at": row["updated_at"],
-            "resolved_at": row["resolved_at"], "score": row["score"],
+            "created_at": row["created_at"],
+            "updated_at": row["updated_at"],
+            "resolved_at": row["resolved_at"],
+            "score": row["score"],
             "score_comment": row["score_comment"],
         }
 
@@ -107,7 +136,9 @@ class Queries:
             for r in self.db.rows(
                 "SELECT p.ecr_id, c.email FROM participants p JOIN contacts c "
                 f"ON c.id = p.contact_id WHERE p.ecr_id IN ({marks}) "
-                "ORDER BY p.ecr_id, p.role != 'requester', p.added_at, c.email", chunk):
+                "ORDER BY p.ecr_id, p.role != 'requester', p.added_at, c.email",
+                chunk,
+            ):
                 out.setdefault(r["ecr_id"], []).append(r["email"])
         return out
 
@@ -116,20 +147,43 @@ class Queries:
         files: dict[int, list[dict[str, Any]]] = {}
         for a in self.db.rows(
             "SELECT a.* FROM attachments a JOIN updates u ON u.id = a.update_id "
-            "WHERE u.ecr_id = ? ORDER BY a.id", [ecr_id]):
-            files.setdefault(a["update_id"], []).append({
-                "filename": a["filename"], "content_type": a["content_type"],
-                "size": a["size"], "sha256": a["sha256"]})
-        return [{
-            "id": u["id"], "kind": u["kind"], "author": u["author"], "text": u["text"],
-            "automatic": bool(u["automatic"]), "message_id": u["message_id"],
-            "created_at": u["created_at"], "attachments": files.get(u["id"], [])}
-            for u in updates]
+            "WHERE u.ecr_id = ? ORDER BY a.id",
+            [ecr_id],
+        ):
+            files.setdefault(a["update_id"], []).append(
+                {
+                    "filename": a["filename"],
+                    "content_type": a["content_type"],
+                    "size": a["size"],
+                    "sha256": a["sha256"],
+                }
+            )
+        return [
+            {
+                "id": u["id"],
+                "kind": u["kind"],
+                "author": u["author"],
+                "text": u["text"],
+                "automatic": bool(u["automatic"]),
+                "message_id": u["message_id"],
+                "created_at": u["created_at"],
+                "attachments": files.get(u["id"], []),
+            }
+            for u in updates
+        ]
 
     def _events(self, ecr_id: int) -> list[dict[str, Any]]:
-        return [{"at": e["at"], "kind": e["kind"], "from": e["from_status"], "to": e["to_status"],
-                 "by": e["by"], "note": e["note"]}
-                for e in self.db.rows("SELECT * FROM events WHERE ecr_id = ? ORDER BY id", [ecr_id])]
+        return [
+            {
+                "at": e["at"],
+                "kind": e["kind"],
+                "from": e["from_status"],
+                "to": e["to_status"],
+                "by": e["by"],
+                "note": e["note"],
+            }
+            for e in self.db.rows("SELECT * FROM events WHERE ecr_id = ? ORDER BY id", [ecr_id])
+        ]
 
     # --- inbound: why, quarantine ------------------------------------------------------------
 
@@ -147,14 +201,24 @@ class Queries:
         if row is None:
             return None
         return {
-            "inbound_id": row["id"], "outcome": row["outcome"],
-            "ref": self.ref(row["ecr_id"]) if row["ecr_id"] else None, "rung": row["rung"],
-            "reason": row["reason"], "state": row["state"], "source": row["source"],
-            "message_id": row["message_id"], "mail_from": row["mail_from"],
-            "rcpt_tos": json.loads(row["rcpt_tos"]), "sender": row["sender"],
-            "received_at": row["received_at"], "processed_at": row["processed_at"],
-            "size": row["size"], "duplicate_of": row["duplicate_of"],
-            "attempts": row["attempts"], "failed_step": row["failed_step"], "error": row["error"],
+            "inbound_id": row["id"],
+            "outcome": row["outcome"],
+            "ref": self.ref(row["ecr_id"]) if row["ecr_id"] else None,
+            "rung": row["rung"],
+            "reason": row["reason"],
+            "state": row["state"],
+            "source": row["source"],
+            "message_id": row["message_id"],
+            "mail_from": row["mail_from"],
+            "rcpt_tos": json.loads(row["rcpt_tos"]),
+            "sender": row["sender"],
+            "received_at": row["received_at"],
+            "processed_at": row["processed_at"],
+            "size": row["size"],
+            "duplicate_of": row["duplicate_of"],
+            "attempts": row["attempts"],
+            "failed_step": row["failed_step"],
+            "error": row["error"],
             "classification": json.loads(row["classification"]) if row["classification"] else None,
             "trace": json.loads(row["trace"]),
         }
@@ -164,5 +228,7 @@ class Queries:
         return [q for r in rows if (q := self.inbound(r["id"])) is not None]
 
     def counts(self) -> dict[str, int]:
-        rows = self.db.rows("SELECT COALESCE(outcome, state) AS k, COUNT(*) AS n FROM inbound GROUP BY k")
+        rows = self.db.rows(
+            "SELECT COALESCE(outcome, state) AS k, COUNT(*) AS n FROM inbound GROUP BY k"
+        )
         return {r["k"]: r["n"] for r in rows}

@@ -75,15 +75,25 @@ class Records:
             "SELECT id FROM inbound WHERE dedupe_key = ? AND duplicate_of IS NULL", [a.dedupe_key]
         )
         row: dict[str, Any] = {
-            "dedupe_key": a.dedupe_key, "message_id": a.message_id or None, "source": a.source,
-            "mail_from": a.mail_from, "rcpt_tos": json.dumps(list(a.rcpt_tos)),
-            "received_at": iso(a.received_at), "size": a.size, "spool_name": a.spool_name,
+            "dedupe_key": a.dedupe_key,
+            "message_id": a.message_id or None,
+            "source": a.source,
+            "mail_from": a.mail_from,
+            "rcpt_tos": json.dumps(list(a.rcpt_tos)),
+            "received_at": iso(a.received_at),
+            "size": a.size,
+            "spool_name": a.spool_name,
         }
         row["spool_path"] = row.pop("spool_name")
         if first is None:
             return Accepted(self.db.insert("inbound", {**row, "state": "accepted"}), None)
-        row.update(state="done", outcome=str(Outcome.DUPLICATE), duplicate_of=first,
-                   reason=f"duplicate of inbound {first}", processed_at=iso(a.received_at))
+        row.update(
+            state="done",
+            outcome=str(Outcome.DUPLICATE),
+            duplicate_of=first,
+            reason=f"duplicate of inbound {first}",
+            processed_at=iso(a.received_at),
+        )
         row["ecr_id"] = self.db.value("SELECT ecr_id FROM inbound WHERE id = ?", [first])
         return Accepted(self.db.insert("inbound", row), first)
 
@@ -93,8 +103,12 @@ class Records:
         return self.db.row("SELECT * FROM inbound WHERE id = ?", [inbound_id])
 
     def waiting(self, limit: int = 1000) -> list[int]:
-        return [r["id"] for r in self.db.rows(
-            "SELECT id FROM inbound WHERE state = 'accepted' ORDER BY id LIMIT ?", [limit])]
+        return [
+            r["id"]
+            for r in self.db.rows(
+                "SELECT id FROM inbound WHERE state = 'accepted' ORDER BY id LIMIT ?", [limit]
+            )
+        ]
 
     def begin_attempt(self, inbound_id: int) -> int:
         """Counted before the work, so a mail that kills the process still reaches quarantine."""
@@ -106,21 +120,25 @@ class Records:
         with self.db.write():
             self.db.execute(
                 "UPDATE inbound SET failed_step = ?, error = ? WHERE id = ?",
-                [step, error[:2000], inbound_id])
+                [step, error[:2000], inbound_id],
+            )
             if quarantine:
                 self._quarantine(inbound_id, f"failed at {step}: {error[:300]}")
 
     def quarantine(self, inbound_id: int, reason: str, step: str = "") -> None:
         with self.db.write():
-            self.db.execute("UPDATE inbound SET failed_step = COALESCE(?, failed_step) WHERE id = ?",
-                            [step or None, inbound_id])
+            self.db.execute(
+                "UPDATE inbound SET failed_step = COALESCE(?, failed_step) WHERE id = ?",
+                [step or None, inbound_id],
+            )
             self._quarantine(inbound_id, reason)
 
     def _quarantine(self, inbound_id: int, reason: str) -> None:
         self.db.execute(
             "UPDATE inbound SET state = 'quarantined', outcome = ?, reason = ?, processed_at = ?"
             " WHERE id = ?",
-            [str(Outcome.QUARANTINED), reason, iso(datetime.now(UTC)), inbound_id])
+            [str(Outcome.QUARANTINED), reason, iso(datetime.now(UTC)), inbound_id],
+        )
 
     def release(self, inbound_id: int) -> bool:
         """Quarantine -> accepted with a fresh attempt count (replay)."""
@@ -128,7 +146,8 @@ class Records:
             cur = self.db.execute(
                 "UPDATE inbound SET state = 'accepted', attempts = 0, outcome = NULL, "
                 "failed_step = NULL, error = NULL WHERE id = ? AND state = 'quarantined'",
-                [inbound_id])
+                [inbound_id],
+            )
             return cur.rowcount == 1
 
     # --- lookups for matching (read inside the apply transaction) ----------------------------
@@ -139,14 +158,26 @@ class Records:
             return None
         people = self.db.rows(
             "SELECT c.email FROM participants p JOIN contacts c ON c.id = p.contact_id "
-            "WHERE p.ecr_id = ?", [ecr_id])
-        return EcrView(row["id"], self.ref(row["id"]), Status(row["status"]),
-                       from_iso(row["resolved_at"]), frozenset(p["email"] for p in people))
+            "WHERE p.ecr_id = ?",
+            [ecr_id],
+        )
+        return EcrView(
+            row["id"],
+            self.ref(row["id"]),
+            Status(row["status"]),
+            from_iso(row["resolved_at"]),
+            frozenset(p["email"] for p in people),
+        )
 
     def ecr_for_message_ids(self, ids: Sequence[str]) -> int | None:
         marks = ", ".join("?" for _ in ids)
-        found = {r["message_id"]: r["ecr_id"] for r in self.db.rows(
-            f"SELECT message_id, ecr_id FROM message_ids WHERE message_id IN ({marks})", list(ids))}
+        found = {
+            r["message_id"]: r["ecr_id"]
+            for r in self.db.rows(
+                f"SELECT message_id, ecr_id FROM message_ids WHERE message_id IN ({marks})",
+                list(ids),
+            )
+        }
         return next((found[i] for i in ids if i in found), None)
 
     def contact_email(self, contact_id: int) -> str | None:
@@ -155,8 +186,15 @@ class Records:
 
     # --- carrying out a plan ------------------------------------------------------------------
 
-    def apply(self, inbound_id: int, mail: ParsedMail, kind: Classification, found: Match | None,
-              plan: Plan, now: datetime) -> Result:
+    def apply(
+        self,
+        inbound_id: int,
+        mail: ParsedMail,
+        kind: Classification,
+        found: Match | None,
+        plan: Plan,
+        now: datetime,
+    ) -> Result:
         """Everything one mail changes, in the caller's transaction; the inbound row last."""
         ecr_id = plan.ecr_id
         if plan.action is Action.CREATE:
@@ -167,51 +205,101 @@ class Records:
         self.db.execute(
             "UPDATE inbound SET state = 'done', outcome = ?, ecr_id = ?, rung = ?, reason = ?, "
             "classification = ?, trace = ?, sender = ?, subject = ?, processed_at = ? WHERE id = ?",
-            [str(plan.outcome), ecr_id, str(rung) if rung else None, plan.reason,
-             json.dumps({"kind": str(kind.kind), "reason": kind.reason}),
-             json.dumps(list(found.trace) if found else []),
-             mail.sender.email if mail.sender else None, mail.subject[:300], iso(now), inbound_id])
+            [
+                str(plan.outcome),
+                ecr_id,
+                str(rung) if rung else None,
+                plan.reason,
+                json.dumps({"kind": str(kind.kind), "reason": kind.reason}),
+                json.dumps(list(found.trace) if found else []),
+                mail.sender.email if mail.sender else None,
+                mail.subject[:300],
+                iso(now),
+                inbound_id,
+            ],
+        )
         ref = self.ref(ecr_id) if ecr_id is not None else None
         shown_rung = rung if plan.action in (Action.CREATE, Action.UPDATE, Action.NOTE) else None
         return Result(inbound_id, plan.outcome, ref, shown_rung, plan.reason)
 
-    def record(self, inbound_id: int, outcome: Outcome, reason: str, kind: Classification,
-               mail: ParsedMail, now: datetime) -> Result:
+    def record(
+        self,
+        inbound_id: int,
+        outcome: Outcome,
+        reason: str,
+        kind: Classification,
+        mail: ParsedMail,
+        now: datetime,
+    ) -> Result:
         """An inbound row that touches no ECR (loop, automatic on nothing)."""
         plan = Plan(Action.RECORD, outcome, reason)
         return self.apply(inbound_id, mail, kind, None, plan, now)
 
     def _create_ecr(self, mail: ParsedMail, plan: Plan, now: datetime) -> int:
         requester = self._contact(mail.sender) if mail.sender else None
-        ecr_id = self.db.insert("ecrs", {
-            "subject": mail.subject or "(no subject)", "status": str(Status.ACTIVE),
-            "problem_type": plan.problem_type, "requester_id": requester,
-            "related_to": plan.related_to, "created_at": iso(now), "updated_at": iso(now)})
+        ecr_id = self.db.insert(
+            "ecrs",
+            {
+                "subject": mail.subject or "(no subject)",
+                "status": str(Status.ACTIVE),
+                "problem_type": plan.problem_type,
+                "requester_id": requester,
+                "related_to": plan.related_to,
+                "created_at": iso(now),
+                "updated_at": iso(now),
+            },
+        )
         by = mail.sender.email if mail.sender else "unknown"
         self._event(ecr_id, now, "status", None, Status.ACTIVE, by, plan.reason)
         if plan.related_to is not None:
-            self._event(ecr_id, now, "related", None, None, "gateway",
-                        f"related to {self.ref(plan.related_to)}: {plan.reason}")
+            self._event(
+                ecr_id,
+                now,
+                "related",
+                None,
+                None,
+                "gateway",
+                f"related to {self.ref(plan.related_to)}: {plan.reason}",
+            )
         if requester is not None:
             self._participant(ecr_id, requester, "requester", now)
         return ecr_id
 
-    def _record_update(self, ecr_id: int, inbound_id: int, mail: ParsedMail, plan: Plan,
-                       now: datetime) -> None:
+    def _record_update(
+        self, ecr_id: int, inbound_id: int, mail: ParsedMail, plan: Plan, now: datetime
+    ) -> None:
         automatic = plan.action is Action.NOTE
-        update_id = self.db.insert("updates", {
-            "ecr_id": ecr_id, "inbound_id": inbound_id, "kind": "inbound",
-            "author": mail.sender.email if mail.sender else None, "text": plan.text,
-            "full_text": mail.body, "automatic": int(automatic),
-            "message_id": mail.message_id or None, "created_at": iso(now)})
+        update_id = self.db.insert(
+            "updates",
+            {
+                "ecr_id": ecr_id,
+                "inbound_id": inbound_id,
+                "kind": "inbound",
+                "author": mail.sender.email if mail.sender else None,
+                "text": plan.text,
+                "full_text": mail.body,
+                "automatic": int(automatic),
+                "message_id": mail.message_id or None,
+                "created_at": iso(now),
+            },
+        )
         for a in mail.attachments:
-            self.db.insert("attachments", {
-                "update_id": update_id, "sha256": a.sha256, "filename": a.filename,
-                "content_type": a.content_type, "size": a.size, "content_id": a.content_id,
-                "inline": int(a.inline)})
+            self.db.insert(
+                "attachments",
+                {
+                    "update_id": update_id,
+                    "sha256": a.sha256,
+                    "filename": a.filename,
+                    "content_type": a.content_type,
+                    "size": a.size,
+                    "content_id": a.content_id,
+                    "inline": int(a.inline),
+                },
+            )
         if mail.message_id:
-            self.db.execute("INSERT OR IGNORE INTO message_ids VALUES (?, ?, 'in')",
-                            [mail.message_id, ecr_id])
+            self.db.execute(
+                "INSERT OR IGNORE INTO message_ids VALUES (?, ?, 'in')", [mail.message_id, ecr_id]
+            )
         by = mail.sender.email if mail.sender else "unknown"
         if plan.action is Action.UPDATE and plan.new_status is not None:
             self._change_status(ecr_id, plan.new_status, by, plan.reason, now)
@@ -230,29 +318,50 @@ class Records:
             "UPDATE ecrs SET status = ?, updated_at = ?, "
             "resolved_at = CASE WHEN ? THEN ? ELSE resolved_at END, "
             "resolution_no = resolution_no + ? WHERE id = ?",
-            [str(to), iso(now), resolved, iso(now), int(resolved), ecr_id])
+            [str(to), iso(now), resolved, iso(now), int(resolved), ecr_id],
+        )
         self._event(ecr_id, now, "status", current, to, by, note)
 
     def set_status(self, ecr_id: int, to: Status, note: str, by: str, now: datetime) -> None:
         with self.db.write():
             self._change_status(ecr_id, to, by, note, now)
 
-    def _event(self, ecr_id: int, now: datetime, kind: str, frm: Status | None, to: Status | None,
-               by: str, note: str) -> None:
-        self.db.insert("events", {
-            "ecr_id": ecr_id, "at": iso(now), "kind": kind, "from_status": frm and str(frm),
-            "to_status": to and str(to), "by": by, "note": note})
+    def _event(
+        self,
+        ecr_id: int,
+        now: datetime,
+        kind: str,
+        frm: Status | None,
+        to: Status | None,
+        by: str,
+        note: str,
+    ) -> None:
+        self.db.insert(
+            "events",
+            {
+                "ecr_id": ecr_id,
+                "at": iso(now),
+                "kind": kind,
+                "from_status": frm and str(frm),
+                "to_status": to and str(to),
+                "by": by,
+                "note": note,
+            },
+        )
 
     def _contact(self, address: Address) -> int:
         self.db.execute(
             "INSERT INTO contacts (email, name) VALUES (?, ?) ON CONFLICT(email) DO UPDATE SET "
             "name = CASE WHEN excluded.name != '' THEN excluded.name ELSE contacts.name END",
-            [address.email, address.name])
+            [address.email, address.name],
+        )
         return int(self.db.value("SELECT id FROM contacts WHERE email = ?", [address.email]))
 
     def _participant(self, ecr_id: int, contact_id: int, role: str, now: datetime) -> None:
-        cur = self.db.execute("INSERT OR IGNORE INTO participants VALUES (?, ?, ?, ?)",
-                              [ecr_id, contact_id, role, iso(now)])
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO participants VALUES (?, ?, ?, ?)",
+            [ecr_id, contact_id, role, iso(now)],
+        )
         if cur.rowcount:
             self._refresh_people(ecr_id)
 
@@ -260,7 +369,9 @@ class Records:
         """The searchable names and addresses of an ECR's participants."""
         people = self.db.rows(
             "SELECT c.email, c.name FROM participants p JOIN contacts c ON c.id = p.contact_id "
-            "WHERE p.ecr_id = ?", [ecr_id])
+            "WHERE p.ecr_id = ?",
+            [ecr_id],
+        )
         text = " ".join(f"{p['name']} {p['email']}".strip() for p in people)
         self.db.execute("UPDATE ecrs SET people = ? WHERE id = ?", [text, ecr_id])
 
