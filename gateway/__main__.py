@@ -1,0 +1,5 @@
+"""`python -m gateway` is `ecr-gateway`."""
+
+from gateway.cli import main
+
+main()
