@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -11,9 +12,16 @@ from pathlib import Path
 from gateway.config import Settings
 from gateway.mail import classify, rules
 from gateway.mail.parse import Limits
+from gateway.notify import plan
+from gateway.notify.notifier import Identity, Notifier
+from gateway.notify.render import Renderer
+from gateway.notify.sender import Sender
+from gateway.notify.transport import MaildirSink, RelayConfig, SmtpRelay, Transport
 from gateway.pipeline import Clock, Pipeline, Policies, utcnow
+from gateway.staff import Staff
 from gateway.store.db import Database
 from gateway.store.files import Blobs, Spool
+from gateway.store.outbox import Outbox
 from gateway.store.queries import Queries
 from gateway.store.records import Records
 
@@ -27,15 +35,41 @@ class App:
     spool: Spool
     blobs: Blobs
     pipeline: Pipeline
+    outbox: Outbox
+    notifier: Notifier
+    staff: Staff
+    renderer: Renderer
     keys: list[bytes]
     instance_id: str
     clock: Clock
+    environ: dict[str, str]
 
     def close(self) -> None:
         self.db.close()
 
+    def sender(self) -> Sender:
+        """An outbox sender with its own connection, for its own thread (sqlite3 rule)."""
+        o = self.settings.outbound
+        transport: Transport
+        if o.relay_host:
+            transport = SmtpRelay(
+                RelayConfig(
+                    o.relay_host,
+                    o.relay_port,
+                    o.security,
+                    o.username,
+                    self.environ.get(o.password_env, "") if o.password_env else "",
+                )
+            )
+        else:
+            transport = MaildirSink(self.settings.data_dir / "sent")
+        db = Database(self.settings.data_dir / "gateway.db")
+        return Sender(Outbox(db), transport, self.clock, o.retry_hours)
 
-def build_app(settings: Settings, clock: Clock = utcnow) -> App:
+
+def build_app(
+    settings: Settings, clock: Clock = utcnow, environ: Mapping[str, str] | None = None
+) -> App:
     data = settings.data_dir
     data.mkdir(parents=True, exist_ok=True)
     keys = load_keys(data / "secret.key")
@@ -46,18 +80,58 @@ def build_app(settings: Settings, clock: Clock = utcnow) -> App:
     g = settings.gateway
     records = Records(db, g.ref_prefix, g.ref_width)
     spool, blobs = Spool(data / "spool"), Blobs(data / "attachments")
-    pipeline = Pipeline(records, spool, blobs, policies(settings, keys, instance_id), clock)
-    return App(
-        settings,
-        db,
-        records,
-        Queries(db, g.ref_prefix, g.ref_width),
-        spool,
-        blobs,
-        pipeline,
+    outbox = Outbox(db)
+    renderer = Renderer(Path(settings.templates.folder) if settings.templates.folder else None)
+    notifier = Notifier(
+        outbox,
+        renderer,
+        identity(settings, instance_id),
+        recipients(settings),
         keys,
-        instance_id,
-        clock,
+        g.ref_prefix,
+        g.ref_width,
+    )
+    pipeline = Pipeline(
+        records, spool, blobs, policies(settings, keys, instance_id), notifier, clock
+    )
+    return App(
+        settings=settings,
+        db=db,
+        records=records,
+        queries=Queries(db, g.ref_prefix, g.ref_width),
+        spool=spool,
+        blobs=blobs,
+        pipeline=pipeline,
+        outbox=outbox,
+        notifier=notifier,
+        staff=Staff(records, notifier, clock),
+        renderer=renderer,
+        keys=keys,
+        instance_id=instance_id,
+        clock=clock,
+        environ=dict(environ or {}),
+    )
+
+
+def identity(settings: Settings, instance_id: str) -> Identity:
+    g = settings.gateway
+    return Identity(
+        support_address=settings.support_address,
+        bounce_address=settings.bounce_address,
+        domain=g.domain.lower(),
+        base_url=g.base_url,
+        instance_id=instance_id,
+        team_name=g.team_name,
+        reply_token_days=g.reply_token_days,
+        reopen_days=g.reopen_window_days,
+    )
+
+
+def recipients(settings: Settings) -> plan.Recipients:
+    return plan.Recipients(
+        settings.own_addresses,
+        settings.gateway.staff_alert_address,
+        settings.outbound.ack_limit_per_hour,
     )
 
 

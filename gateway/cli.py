@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import sys
-import time
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +19,8 @@ from gateway.app import App, build_app
 from gateway.config import ConfigError, load_settings
 from gateway.inbound import files
 from gateway.model import Envelope, Status
+from gateway.notify.render import TemplateProblem
+from gateway.staff import StaffError
 
 EX_USAGE = 64  # sysexits.h: the MTA-facing exit codes of `ingest`
 EX_TEMPFAIL = 75
@@ -40,7 +42,7 @@ def opened(ctx: click.Context) -> Iterator[App]:
         settings = load_settings(ctx.obj["config"], os.environ)
     except ConfigError as exc:
         raise Failure(f"configuration: {exc}", ctx.obj.get("config_error_code", 78)) from None
-    app = build_app(settings)
+    app = build_app(settings, environ=os.environ)
     try:
         yield app
     finally:
@@ -79,31 +81,39 @@ def cli(ctx: click.Context, config: str | None, verbose: bool) -> None:
 @cli.command()
 @click.pass_context
 def serve(ctx: click.Context) -> None:
-    """Run the gateway: process the spool (SMTP, IMAP, outbox and web come with later releases).
+    """Run the gateway: the spool processor and the outbox sender (SMTP, IMAP and web to come).
+
+    Every template is rendered once first: a broken override stops it with one line.
 
     \b
     Example:
       ecr-gateway serve
     """
     logging.getLogger().setLevel(logging.INFO)
-    stop = {"now": False}
-
-    def ask_stop(*_: object) -> None:
-        stop["now"] = True
-
-    signal.signal(signal.SIGTERM, ask_stop)
-    signal.signal(signal.SIGINT, ask_stop)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     with opened(ctx) as app:
+        try:
+            app.renderer.check()
+        except TemplateProblem as exc:
+            raise Failure(str(exc), 78) from None
         recovered = app.pipeline.recover()
+        # The sender opens its own connection inside its thread (sqlite3 objects stay put).
+        sender = threading.Thread(target=lambda: app.sender().run(stop), name="outbox")
+        sender.start()
+        where = app.settings.outbound.relay_host or str(app.settings.data_dir / "sent")
         log.info(
-            "ecr-gateway serving: data in %s; %d waiting mails processed; listeners "
-            "(SMTP, IMAP, HTTP) are not part of this release yet - use `ingest`/`import`",
+            "ecr-gateway serving: data in %s, %d waiting mails processed, notifications to "
+            "%s; SMTP, IMAP and HTTP listeners are not part of this release yet",
             app.settings.data_dir,
             len(recovered),
+            where,
         )
-        while not stop["now"]:
+        while not stop.is_set():
             app.pipeline.process_waiting()
-            time.sleep(1)
+            stop.wait(1)
+        sender.join()
         log.info("ecr-gateway stopped")
 
 
@@ -247,12 +257,78 @@ def ecr_set_status(ctx: click.Context, ref: str, status: str, note: str) -> None
     Example:
       ecr-gateway ecr set-status ECR-000123 pending --note "Please send the error log"
     """
-    if status in ("pending", "resolved") and not note.strip():
-        raise Failure(f"--note is required for {status}", EX_USAGE)
     with opened(ctx) as app:
         ecr_id = _ecr_id(app, ref)
-        app.records.set_status(ecr_id, Status(status), note.strip(), "staff:cli", app.clock())
-        click.echo(f"{app.queries.ref(ecr_id)} is {status}")
+        try:
+            queued = app.staff.set_status(ecr_id, Status(status), note, "staff:cli")
+        except StaffError as exc:
+            raise Failure(str(exc), EX_USAGE) from None
+        click.echo(f"{app.queries.ref(ecr_id)} is {status}; {queued} notification(s) queued")
+
+
+@cli.group()
+def outbox() -> None:
+    """Notification mails: list them, nudge one to be sent now."""
+
+
+@outbox.command("list")
+@click.option("--state", type=click.Choice(["queued", "sent", "failed", "bounced"]))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.pass_context
+def outbox_list(ctx: click.Context, state: str | None, as_json: bool) -> None:
+    """List notification mails, newest first.
+
+    \b
+    Example:
+      ecr-gateway outbox list --state queued
+    """
+    with opened(ctx) as app:
+        rows = app.outbox.listing(state)
+        if as_json:
+            emit(rows)
+            return
+        for r in rows:
+            click.echo(
+                f"{r['id']}\t{r['state']}\t{r['template']}\t{r['recipient']}\t"
+                f"attempts {r['attempts']}\t{r['last_error'] or ''}"
+            )
+
+
+@outbox.command("retry")
+@click.argument("outbox_id", type=int)
+@click.pass_context
+def outbox_retry(ctx: click.Context, outbox_id: int) -> None:
+    """Send a queued or failed notification at the next turn of the sender.
+
+    \b
+    Example:
+      ecr-gateway outbox retry 12
+    """
+    with opened(ctx) as app:
+        if not app.outbox.retry_now(outbox_id, app.clock()):
+            raise Failure(f"no queued or failed notification {outbox_id}")
+        click.echo(f"notification {outbox_id} will be sent at the next turn")
+
+
+@cli.group()
+def contact() -> None:
+    """Contacts: clear an undeliverable mark."""
+
+
+@contact.command("clear-bounce")
+@click.argument("address")
+@click.pass_context
+def contact_clear_bounce(ctx: click.Context, address: str) -> None:
+    """Send notifications to ADDRESS again after its mails bounced.
+
+    \b
+    Example:
+      ecr-gateway contact clear-bounce gp@practice.example
+    """
+    with opened(ctx) as app:
+        if not app.outbox.clear_bounce(address):
+            raise Failure(f"{address} is not marked undeliverable")
+        click.echo(f"{address} will receive notifications again")
 
 
 @cli.command()

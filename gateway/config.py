@@ -69,6 +69,7 @@ class GatewaySettings:
     ref_width: int = setting(6, "zero-padded width of the number in a reference")
     reply_token_days: int = setting(365, "how long a signed reply address stays valid")
     max_attempts: int = setting(3, "processing attempts before a mail is quarantined")
+    team_name: str = setting("Support", "how our mails sign off")
 
 
 @dataclass(frozen=True)
@@ -146,11 +147,14 @@ class Settings:
         return (self.gateway.support_address or f"support@{self.gateway.domain}").lower()
 
     @property
+    def bounce_address(self) -> str:
+        return (self.outbound.bounce_address or f"bounces@{self.gateway.domain}").lower()
+
+    @property
     def own_addresses(self) -> frozenset[str]:
         """Every address we receive for or send from: never a participant, never notified."""
-        bounce = self.outbound.bounce_address or f"bounces@{self.gateway.domain}"
         extra = [a.lower() for a in self.gateway.extra_addresses]
-        return frozenset([self.support_address, bounce.lower(), *extra])
+        return frozenset([self.support_address, self.bounce_address, *extra])
 
 
 def declared() -> list[tuple[str, dataclasses.Field[Any]]]:

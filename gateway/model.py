@@ -174,6 +174,20 @@ class Plan:
 
 
 @dataclass(frozen=True)
+class Happened:
+    """Something that happened to an ECR and may cause notifications (PRODUCT §3)."""
+
+    kind: str  # created | updated | pending | reactivated | resolved | note
+    ecr_id: int
+    key: str  # unique per event: the outbox's (event, recipient) key is built on it
+    note: str = ""
+    author: str = ""
+    text: str = ""
+    message_id: str = ""  # the inbound mail that caused it, for threading
+    named_missing: str = ""
+
+
+@dataclass(frozen=True)
 class Result:
     """The answer `ingest` prints and `why` explains."""
 
@@ -182,7 +196,7 @@ class Result:
     ref: str | None = None
     rung: Rung | None = None
     reason: str = ""
-    extra: dict[str, object] = field(default_factory=dict)
+    happened: tuple[Happened, ...] = field(default=(), compare=False)
 
     def as_json(self) -> dict[str, object]:
         return {

@@ -31,6 +31,7 @@ from gateway.model import (
     Result,
     Rung,
 )
+from gateway.notify.notifier import Notifier
 from gateway.store.files import Blobs, Spool
 from gateway.store.records import Accepted, Arrival, Records
 
@@ -72,12 +73,14 @@ class Pipeline:
         spool: Spool,
         blobs: Blobs,
         policies: Policies,
+        notifier: Notifier,
         clock: Clock = utcnow,
     ) -> None:
         self.records = records
         self.spool = spool
         self.blobs = blobs
         self.p = policies
+        self.notifier = notifier
         self.clock = clock
 
     # --- 1 accept ------------------------------------------------------------------------------
@@ -201,13 +204,20 @@ class Pipeline:
             if current is None or current["state"] != "accepted":  # another process finished it
                 return self._existing(current or row)
             found = self._match(mail, kind, rcpts, now)
-            if found is None:
+            if kind.kind is Kind.BOUNCE:
+                ecr_id, why = self.notifier.bounced(mail, now)
+                result = self.records.record(
+                    inbound_id, Outcome.AUTOMATIC, why, kind, mail, now, ecr_id
+                )
+            elif found is None:
                 result = self.records.record(
                     inbound_id, _outcome(kind), kind.reason, kind, mail, now
                 )
             else:
                 plan = rules.decide(mail, kind, found, rcpts, self.p.rules, now)
                 result = self.records.apply(inbound_id, mail, kind, found, plan, now)
+            # Same transaction: a notification exists exactly when its cause does.
+            self.notifier.queue(result.happened, now)
         log.info(
             "inbound %d %s %s via %s: %s",
             inbound_id,

@@ -34,10 +34,10 @@ def seed(app: App, clock: Clock) -> None:
     ingest(app, mail("Lab results missing", "No lab results since Monday.",
                      "Dr A <gp@practice.example>", message_id="<seed-4@practice.example>"))
     clock.advance(days=1)
-    app.records.set_status(3, Status.RESOLVED, "Cleaned the rollers", "staff:cli", clock.now)
+    app.staff.set_status(3, Status.RESOLVED, "Cleaned the rollers", "staff:cli")
     clock.now = now - timedelta(days=2)
-    app.records.set_status(2, Status.RESOLVED, "Password reset", "staff:cli", clock.now)
-    app.records.set_status(4, Status.PENDING, "Which patient?", "staff:cli", clock.now)
+    app.staff.set_status(2, Status.RESOLVED, "Password reset", "staff:cli")
+    app.staff.set_status(4, Status.PENDING, "Which patient?", "staff:cli")
     clock.now = now
 
 

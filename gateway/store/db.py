@@ -160,8 +160,23 @@ def _fts(d: Database, table: str, cols: list[str]) -> None:
     )
 
 
+def _m3_outbox(d: Database) -> None:
+    # One row per (event, recipient): the unique key is what makes a replayed event, or a
+    # retried transaction, queue nothing twice.
+    d.execute("""CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY, event_key TEXT NOT NULL, recipient TEXT NOT NULL,
+        template TEXT NOT NULL, ecr_id INTEGER REFERENCES ecrs(id), message_id TEXT NOT NULL,
+        envelope_from TEXT NOT NULL, raw BLOB NOT NULL, state TEXT NOT NULL DEFAULT 'queued',
+        attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at TEXT NOT NULL,
+        last_error TEXT, created_at TEXT NOT NULL, sent_at TEXT,
+        UNIQUE (event_key, recipient))""")
+    d.execute("CREATE INDEX outbox_due ON outbox(state, next_attempt_at)")
+    d.execute("CREATE INDEX outbox_message_id ON outbox(message_id)")
+    d.execute("CREATE INDEX outbox_recipient ON outbox(recipient, template, created_at)")
+
+
 # Append only: a migration, once released, is never edited; its number is its position.
-MIGRATIONS: list[Callable[[Database], None]] = [_m1_core, _m2_search]
+MIGRATIONS: list[Callable[[Database], None]] = [_m1_core, _m2_search, _m3_outbox]
 
 
 def migrate(d: Database) -> None:

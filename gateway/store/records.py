@@ -13,6 +13,7 @@ from gateway.model import (
     Address,
     Classification,
     EcrView,
+    Happened,
     Match,
     Outcome,
     ParsedMail,
@@ -59,6 +60,9 @@ class Records:
         self.db = db
         self.prefix = ref_prefix
         self.width = ref_width
+        # What the current transaction made happen; handed back so notifications can be
+        # queued in the same transaction (PRODUCT §3: outbox rows commit with their cause).
+        self._happened: list[Happened] = []
 
     def ref(self, ecr_id: int) -> str:
         return f"{self.prefix}{ecr_id:0{self.width}d}"
@@ -196,6 +200,7 @@ class Records:
         now: datetime,
     ) -> Result:
         """Everything one mail changes, in the caller's transaction; the inbound row last."""
+        self._happened = []
         ecr_id = plan.ecr_id
         if plan.action is Action.CREATE:
             ecr_id = self._create_ecr(mail, plan, now)
@@ -220,7 +225,8 @@ class Records:
         )
         ref = self.ref(ecr_id) if ecr_id is not None else None
         shown_rung = rung if plan.action in (Action.CREATE, Action.UPDATE, Action.NOTE) else None
-        return Result(inbound_id, plan.outcome, ref, shown_rung, plan.reason)
+        happened, self._happened = tuple(self._happened), []
+        return Result(inbound_id, plan.outcome, ref, shown_rung, plan.reason, happened)
 
     def record(
         self,
@@ -230,9 +236,10 @@ class Records:
         kind: Classification,
         mail: ParsedMail,
         now: datetime,
+        ecr_id: int | None = None,
     ) -> Result:
-        """An inbound row that touches no ECR (loop, automatic on nothing)."""
-        plan = Plan(Action.RECORD, outcome, reason)
+        """An inbound row that adds nothing to an ECR (loop, automatic, a bounce's ECR)."""
+        plan = Plan(Action.RECORD, outcome, reason, ecr_id=ecr_id)
         return self.apply(inbound_id, mail, kind, None, plan, now)
 
     def _create_ecr(self, mail: ParsedMail, plan: Plan, now: datetime) -> int:
@@ -263,6 +270,9 @@ class Records:
             )
         if requester is not None:
             self._participant(ecr_id, requester, "requester", now)
+        self._happened.append(
+            Happened("created", ecr_id, f"created:{ecr_id}", author=by, message_id=mail.message_id)
+        )
         return ecr_id
 
     def _record_update(
@@ -308,6 +318,17 @@ class Records:
         for address in plan.add_participants if not automatic else ():
             self._participant(ecr_id, self._contact(address), "cc", now)
         self.db.execute("UPDATE ecrs SET updated_at = ? WHERE id = ?", [iso(now), ecr_id])
+        if plan.action is Action.UPDATE:
+            self._happened.append(
+                Happened(
+                    "updated",
+                    ecr_id,
+                    f"update:{update_id}",
+                    author=by,
+                    text=plan.text,
+                    message_id=mail.message_id,
+                )
+            )
 
     def _change_status(self, ecr_id: int, to: Status, by: str, note: str, now: datetime) -> None:
         current = Status(self.db.value("SELECT status FROM ecrs WHERE id = ?", [ecr_id]))
@@ -320,11 +341,18 @@ class Records:
             "resolution_no = resolution_no + ? WHERE id = ?",
             [str(to), iso(now), resolved, iso(now), int(resolved), ecr_id],
         )
-        self._event(ecr_id, now, "status", current, to, by, note)
+        event_id = self._event(ecr_id, now, "status", current, to, by, note)
+        if to in (Status.PENDING, Status.REACTIVATED, Status.RESOLVED):
+            self._happened.append(Happened(str(to), ecr_id, f"event:{event_id}", note, by))
 
-    def set_status(self, ecr_id: int, to: Status, note: str, by: str, now: datetime) -> None:
-        with self.db.write():
-            self._change_status(ecr_id, to, by, note, now)
+    def set_status(
+        self, ecr_id: int, to: Status, note: str, by: str, now: datetime
+    ) -> tuple[Happened, ...]:
+        """A staff change, in the caller's transaction; returns what it made happen."""
+        self._happened = []
+        self._change_status(ecr_id, to, by, note, now)
+        happened, self._happened = tuple(self._happened), []
+        return happened
 
     def _event(
         self,
@@ -335,8 +363,8 @@ class Records:
         to: Status | None,
         by: str,
         note: str,
-    ) -> None:
-        self.db.insert(
+    ) -> int:
+        return self.db.insert(
             "events",
             {
                 "ecr_id": ecr_id,

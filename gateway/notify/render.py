@@ -1,0 +1,80 @@
+"""Notification text and HTML from Jinja2 templates; the only module that imports jinja2.
+
+Our templates live in `templates/mail/`; `templates.folder` may override any of them file by
+file. Every template is rendered once against sample data at start-up (`check()`), so a broken
+override stops `serve` with one clear line instead of failing when a practice waits for a mail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+BUILTIN = Path(__file__).resolve().parents[2] / "templates"
+TEMPLATES = ("created", "staff_update", "pending", "reactivated", "resolved", "oversize")
+
+SAMPLE: dict[str, Any] = {
+    "ref": "ECR-000001",
+    "subject": "Sample subject",
+    "name": "Dr Sample",
+    "note": "A note",
+    "text": "Sample update text",
+    "author": "gp@practice.example",
+    "status": "active",
+    "named_missing": "ECR-000999",
+    "team_name": "Support",
+    "reopen_days": 14,
+    "score_links": [
+        {"score": n, "label": "label", "url": f"http://127.0.0.1/score/t?score={n}"}
+        for n in range(1, 6)
+    ],
+    "size_mb": 60,
+    "limit_mb": 50,
+}
+
+
+class TemplateProblem(Exception):
+    """A template that does not load or render; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Rendered:
+    text: str
+    html: str
+
+
+class Renderer:
+    def __init__(self, override: Path | None = None) -> None:
+        loaders: list[jinja2.BaseLoader] = [jinja2.FileSystemLoader(str(BUILTIN))]
+        if override:
+            loaders.insert(0, jinja2.FileSystemLoader(str(override)))
+        self.text_env = _env(loaders, autoescape=False)
+        self.html_env = _env(loaders, autoescape=True)
+
+    def render(self, name: str, context: dict[str, Any]) -> Rendered:
+        text = self.text_env.get_template(f"mail/{name}.txt").render(context)
+        html = self.html_env.get_template(f"mail/{name}.html").render(context)
+        return Rendered(text.strip() + "\n", html)
+
+    def check(self) -> None:
+        for name in TEMPLATES:
+            try:
+                self.render(name, SAMPLE)
+            except jinja2.TemplateError as exc:
+                where = getattr(exc, "filename", None) or getattr(exc, "name", None) or name
+                line = getattr(exc, "lineno", None)
+                at = f"{where}:{line}" if line else str(where)
+                raise TemplateProblem(f"template {at}: {exc.message or exc}") from None
+
+
+def _env(loaders: list[jinja2.BaseLoader], autoescape: bool) -> jinja2.Environment:
+    # StrictUndefined: a misspelt variable is an error at the start-up check, not a blank.
+    return jinja2.Environment(
+        loader=jinja2.ChoiceLoader(loaders),
+        autoescape=autoescape,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
