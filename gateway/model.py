@@ -171,6 +171,7 @@ class Plan:
     text: str = ""  # the new text, command lines removed
     notes: tuple[str, ...] = ()
     add_participants: tuple[Address, ...] = ()
+    named_missing: str = ""  # the acknowledgement says this reference names no ECR
 
 
 @dataclass(frozen=True)

@@ -137,6 +137,7 @@ def _create(
         text=cmds.text,
         notes=cmds.notes,
         add_participants=_cc(mail, policy) if mail.trusted else (),
+        named_missing=found.named_missing,
     )
 
 

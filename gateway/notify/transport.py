@@ -62,9 +62,10 @@ class SmtpRelay:
     def send(self, envelope_from: str, recipient: str, raw: bytes) -> None:
         try:
             conn = self._connection()
-            options = (
-                ["SMTPUTF8"] if _needs_utf8(recipient, raw) and conn.has_extn("smtputf8") else []
-            )
+            conn.ehlo_or_helo_if_needed()
+            options = ["SMTPUTF8"] if _needs_utf8(recipient, raw) else []
+            if options and not conn.has_extn("smtputf8"):
+                raise PermFail("the relay does not offer SMTPUTF8, which this address needs")
             conn.sendmail(envelope_from, [recipient], raw, mail_options=options)
         except smtplib.SMTPRecipientsRefused as exc:
             code, reply = next(iter(exc.recipients.values()))
@@ -77,6 +78,8 @@ class SmtpRelay:
         except smtplib.SMTPException as exc:
             self.close()
             raise TempFail(str(exc)) from None
+        except UnicodeError as exc:  # an address no SMTP command can carry
+            raise PermFail(f"cannot be encoded: {exc}") from None
 
     def _raise(self, code: int, reply: bytes | str) -> None:
         text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)

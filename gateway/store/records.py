@@ -271,7 +271,14 @@ class Records:
         if requester is not None:
             self._participant(ecr_id, requester, "requester", now)
         self._happened.append(
-            Happened("created", ecr_id, f"created:{ecr_id}", author=by, message_id=mail.message_id)
+            Happened(
+                "created",
+                ecr_id,
+                f"created:{ecr_id}",
+                author=by,
+                message_id=mail.message_id,
+                named_missing=plan.named_missing,
+            )
         )
         return ecr_id
 

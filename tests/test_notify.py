@@ -1,0 +1,402 @@
+"""Notifications end to end: events -> outbox -> a real aiosmtpd relay on loopback -> replies."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from gateway.app import App, build_app
+from gateway.model import Status
+from gateway.notify.sender import Sender
+from tests.conftest import Clock, ingest, mail, make_settings, run_cli
+from tests.relay import Captured, Relay
+
+GP = "Dr A <gp@practice.example>"
+
+
+@pytest.fixture
+def relay() -> Iterator[Relay]:
+    r = Relay().start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def napp(data_dir: Path, clock: Clock, relay: Relay) -> Iterator[App]:
+    env = {
+        "ECR_GATEWAY_OUTBOUND__RELAY_HOST": "127.0.0.1",
+        "ECR_GATEWAY_OUTBOUND__RELAY_PORT": str(relay.port),
+        "ECR_GATEWAY_OUTBOUND__SECURITY": "none",
+    }
+    a = build_app(make_settings(data_dir, env), clock=clock)
+    yield a
+    a.close()
+
+
+@pytest.fixture
+def sender(napp: App) -> Sender:
+    return napp.sender()
+
+
+def new_ecr(app: App, **kw: str) -> str:
+    result = ingest(app, mail(sender=kw.pop("sender", GP), **kw))
+    assert result.ref
+    return str(result.ref)
+
+
+def to(captured: list[Captured], address: str) -> list[EmailMessage]:
+    return [c.message for c in captured if address in c.rcpt_tos]
+
+
+def test_acknowledgement_headers_and_parts(napp: App, sender: Sender, relay: Relay) -> None:
+    ref = new_ecr(
+        napp, cc="Practice Manager <pm@practice.example>", message_id="<first@pr.example>"
+    )
+    assert sender.run_once() == 2
+    [ack] = to(relay.captured, "gp@practice.example")
+    assert ack["From"] == "support@localhost"
+    assert ack["To"] == "Dr A <gp@practice.example>"
+    assert re.fullmatch(r"support\+[a-z0-9]+@localhost", ack["Reply-To"])
+    assert ack["Subject"] == f"[{ref}] Printer broken"
+    assert re.fullmatch(rf"<{ref.lower()}\.[0-9a-f]+\.[0-9a-f]+@localhost>", ack["Message-ID"])
+    assert ack["In-Reply-To"] == "<first@pr.example>"
+    assert "<first@pr.example>" in ack["References"]
+    assert ack["Auto-Submitted"] == "auto-replied"
+    assert ack["X-Auto-Response-Suppress"] == "All"
+    assert ack["X-ECR-Loop"] == napp.instance_id
+    assert ack["X-ECR-Reference"] == ref
+    assert ack["Date"]
+    assert relay.captured[0].mail_from == "bounces@localhost"
+    parts = {p.get_content_type(): p.get_content() for p in ack.walk() if not p.is_multipart()}
+    assert set(parts) == {"text/plain", "text/html"}
+    assert ref in parts["text/plain"] and ref in parts["text/html"]
+    assert "Dear Dr A" in parts["text/plain"]
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["in-reply-to only", "subject only", "reply-to address", "other participant via reply-to"],
+)
+def test_a_reply_to_our_mail_lands_on_the_same_ecr(
+    napp: App, sender: Sender, relay: Relay, how: str
+) -> None:
+    ref = new_ecr(napp, cc="pm@practice.example")
+    sender.run_once()
+    [ack] = to(relay.captured, "gp@practice.example")
+    kw: dict[str, str] = {"subject": "Something else", "sender": GP, "body": "More detail."}
+    if how == "in-reply-to only":
+        kw["in_reply_to"] = ack["Message-ID"]
+    elif how == "subject only":
+        kw["subject"] = f"RE: {ack['Subject']}"
+    else:
+        kw["to"] = ack["Reply-To"]
+        if how.startswith("other"):
+            kw["sender"] = "pm@practice.example"
+    result = ingest(napp, mail(**kw), rcpt=(kw.get("to", "support@localhost"),))
+    assert (result.outcome, result.ref) == ("updated", ref)
+    assert result.rung == {"in-reply-to only": "thread", "subject only": "subject"}.get(
+        how, "token"
+    )
+
+
+def test_a_stranger_writing_to_a_reply_address_gets_a_new_ecr(
+    napp: App, sender: Sender, relay: Relay
+) -> None:
+    ref = new_ecr(napp)
+    sender.run_once()
+    [ack] = to(relay.captured, "gp@practice.example")
+    stranger = mail(sender="x@elsewhere.example", to=ack["Reply-To"], subject="hello")
+    result = ingest(napp, stranger, rcpt=(ack["Reply-To"],))
+    assert result.outcome == "created" and result.ref != ref
+    shown = napp.queries.ecr(napp.queries.ecr_id(str(result.ref)) or 0)
+    assert shown and shown["related_to"] == ref
+
+
+def test_refused_connections_then_every_mail_arrives_once(
+    napp: App, sender: Sender, relay: Relay, clock: Clock
+) -> None:
+    relay.pause()
+    for n in range(3):
+        new_ecr(napp, subject=f"Problem {n}", sender=f"p{n}@practice.example")
+    assert sender.run_once() == 0
+    rows = napp.outbox.listing()
+    assert all(r["state"] == "queued" and r["attempts"] == 1 and r["last_error"] for r in rows)
+    assert sender.run_once() == 0, "a deferred row is not retried before its backoff"
+    clock.advance(minutes=5)
+    relay.resume()
+    assert sender.run_once() == 3
+    clock.advance(hours=1)
+    assert sender.run_once() == 0
+    ids = [c.message["Message-ID"] for c in relay.captured]
+    assert len(ids) == 3 == len(set(ids))
+
+
+def test_a_5xx_fails_at_once_with_a_note_and_no_retry(
+    napp: App, sender: Sender, relay: Relay, clock: Clock
+) -> None:
+    relay.handler.answer = "550 5.1.1 no such user"
+    ref = new_ecr(napp)
+    assert sender.run_once() == 0
+    [row] = napp.outbox.listing()
+    assert row["state"] == "failed" and "550" in row["last_error"]
+    clock.advance(days=1)
+    sender.run_once()
+    [row] = napp.outbox.listing()
+    assert row["attempts"] == 1
+    events = napp.queries.ecr(napp.queries.ecr_id(ref) or 0)["events"]  # type: ignore[index]
+    assert any(e["kind"] == "note" and "failed" in e["note"] for e in events)
+
+
+def test_retry_after_giving_up_on_4xx(
+    napp: App, sender: Sender, relay: Relay, clock: Clock
+) -> None:
+    relay.handler.answer = "451 4.3.0 try later"
+    new_ecr(napp)
+    sender.run_once()
+    clock.advance(hours=73)
+    sender.run_once()
+    [row] = napp.outbox.listing()
+    assert row["state"] == "failed" and "gave up" in row["last_error"]
+    relay.handler.answer = "250 OK"
+    assert napp.outbox.retry_now(row["id"], clock.now)
+    assert sender.run_once() == 1
+
+
+def test_a_crash_after_the_relay_accepted_sends_at_most_one_duplicate(
+    napp: App, relay: Relay, data_dir: Path
+) -> None:
+    new_ecr(napp)
+    napp.close()
+    # The child sends through the real relay, then dies before it can mark the row sent.
+    script = textwrap.dedent(f"""
+        import os, signal
+        from gateway.app import build_app
+        from gateway.config import load_settings
+        from gateway.notify.transport import SmtpRelay, RelayConfig
+        from gateway.notify.sender import Sender
+        from gateway.store.db import Database
+        from gateway.store.outbox import Outbox
+
+        class DieAfterSend(SmtpRelay):
+            def send(self, *args):
+                super().send(*args)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        settings = load_settings(None, {{"ECR_GATEWAY_GATEWAY__DATA_DIR": {str(data_dir)!r}}})
+        app = build_app(settings)
+        relay = DieAfterSend(RelayConfig("127.0.0.1", {relay.port}, "none"))
+        Sender(app.outbox, relay, app.clock, 72).run_once()
+    """)
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert child.returncode == -9, child.stderr.decode()
+    assert len(relay.captured) == 1
+    settings = make_settings(
+        data_dir,
+        {
+            "ECR_GATEWAY_OUTBOUND__RELAY_HOST": "127.0.0.1",
+            "ECR_GATEWAY_OUTBOUND__RELAY_PORT": str(relay.port),
+            "ECR_GATEWAY_OUTBOUND__SECURITY": "none",
+        },
+    )
+    again = build_app(settings)
+    assert again.sender().run_once() == 1
+    assert again.sender().run_once() == 0
+    ids = [c.message["Message-ID"] for c in relay.captured]
+    assert len(ids) == 2 and ids[0] == ids[1]
+    again.close()
+
+
+def auto_reply(original: EmailMessage, headers: bool) -> bytes:
+    """What a misbehaving peer answers; with headers=False it also drops every reference."""
+    extra = {"Auto-Submitted": "auto-replied"} if headers else {}
+    subject = f"Automatic reply: {original['Subject']}" if headers else "Your message"
+    return mail(
+        subject=subject,
+        body="I am away.",
+        sender=str(original["To"]),
+        in_reply_to=str(original["Message-ID"]) if headers else "",
+        headers=extra,
+    )
+
+
+@pytest.mark.parametrize("headers", [True, False], ids=["auto-reply headers", "no headers"])
+def test_an_auto_responder_cannot_start_a_mail_storm(
+    napp: App, sender: Sender, relay: Relay, headers: bool
+) -> None:
+    new_ecr(napp)
+    rounds_with_mail = []
+    for n in range(50):
+        before = len(relay.captured)
+        sender.run_once()
+        fresh = relay.captured[before:]
+        if fresh:
+            rounds_with_mail.append(n)
+        for c in fresh:
+            ingest(napp, auto_reply(c.message, headers))
+    if headers:
+        assert rounds_with_mail == [0], "the exchange must stop after our first mail"
+    else:
+        assert len(relay.captured) <= 5, "the acknowledgement rate limit must stop it"
+        assert max(rounds_with_mail) < 6
+
+
+def dsn(original: EmailMessage, recipient: str) -> bytes:
+    return textwrap.dedent(f"""\
+        From: Mail Delivery System <MAILER-DAEMON@relay.example>
+        To: bounces@localhost
+        Subject: Undelivered Mail Returned to Sender: {original["Subject"]}
+        Message-ID: <dsn-{abs(hash(original["Message-ID"]))}@relay.example>
+        Auto-Submitted: auto-replied
+        MIME-Version: 1.0
+        Content-Type: multipart/report; report-type=delivery-status; boundary="B"
+
+        --B
+        Content-Type: text/plain
+
+        The mail could not be delivered.
+
+        --B
+        Content-Type: message/delivery-status
+
+        Reporting-MTA: dns; relay.example
+
+        Final-Recipient: rfc822; {recipient}
+        Action: failed
+        Status: 5.1.1
+
+        --B
+        Content-Type: text/rfc822-headers
+
+        Message-ID: {original["Message-ID"]}
+        Subject: {original["Subject"]}
+
+        --B--
+        """).encode()
+
+
+def test_a_bounce_marks_the_address_undeliverable_until_cleared(
+    napp: App, sender: Sender, relay: Relay, data_dir: Path
+) -> None:
+    ref = new_ecr(napp, cc="pm@practice.example")
+    sender.run_once()
+    [ack] = to(relay.captured, "gp@practice.example")
+    result = ingest(napp, dsn(ack, "gp@practice.example"), rcpt=("bounces@localhost",))
+    assert (result.outcome, result.ref) == ("automatic", ref)
+    ecr_id = napp.queries.ecr_id(ref) or 0
+    napp.staff.set_status(ecr_id, Status.PENDING, "Which printer?", "staff:cli")
+    sender.run_once()
+    pending = [
+        c.rcpt_tos
+        for c in relay.captured
+        if "pending" in c.message["Subject"].lower()
+        or c.message.get_body(("plain",)).get_content().find("need") >= 0
+    ]  # type: ignore[union-attr]
+    assert ["gp@practice.example"] not in pending and ["pm@practice.example"] in pending
+    events = napp.queries.ecr(ecr_id)["events"]  # type: ignore[index]
+    assert any("undeliverable" in e["note"] for e in events)
+    cleared = run_cli(data_dir, "contact", "clear-bounce", "gp@practice.example")
+    assert cleared.returncode == 0, cleared.stderr
+    napp.staff.set_status(ecr_id, Status.RESOLVED, "Replaced the toner", "staff:cli")
+    sender.run_once()
+    assert to(relay.captured, "gp@practice.example")[-1]["X-ECR-Reference"] == ref
+    assert len(to(relay.captured, "gp@practice.example")) == 2
+
+
+def test_a_forged_bounce_for_a_message_we_never_sent_changes_nothing(napp: App) -> None:
+    new_ecr(napp)
+    fake = EmailMessage()
+    fake["Message-ID"] = "<not-ours@elsewhere.example>"
+    fake["Subject"] = "x"
+    result = ingest(napp, dsn(fake, "gp@practice.example"))
+    assert result.outcome == "automatic" and result.ref is None
+    assert not napp.outbox.undeliverable("gp@practice.example")
+
+
+def test_resolution_mail_carries_five_signed_score_links(
+    napp: App, sender: Sender, relay: Relay
+) -> None:
+    ref = new_ecr(napp)
+    napp.staff.set_status(napp.queries.ecr_id(ref) or 0, Status.RESOLVED, "Fixed", "staff:cli")
+    sender.run_once()
+    resolved = to(relay.captured, "gp@practice.example")[-1]
+    text = resolved.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    links = re.findall(r"http://127\.0\.0\.1:8080/score/([a-z0-9]+)\?score=([1-5])", text)
+    assert [n for _, n in links] == ["1", "2", "3", "4", "5"]
+    assert len({t for t, _ in links}) == 1
+    from gateway.mail import tokens
+
+    token = tokens.verify(napp.keys, links[0][0], tokens.Purpose.SCORE, napp.clock())
+    assert token.counter == 1 and token.ecr_id == napp.queries.ecr_id(ref)
+    with pytest.raises(tokens.TokenError):
+        tokens.verify(napp.keys, links[0][0], tokens.Purpose.REPLY, napp.clock())
+
+
+HOSTILE = [
+    ("=?utf-8?Q?Help=0D=0ABcc:_x@evil?=", "gp@practice.example", "Dr A"),
+    ("Printer", "gp@practice.example", "<img src=x onerror=alert(1)>"),
+    ("x" * 2000, "gp@practice.example", "Dr A"),
+    ("Drucker", "dr.müller@praxis.example", "Dr Müller"),
+]
+
+
+@pytest.mark.parametrize(
+    "subject,address,name",
+    HOSTILE,
+    ids=["crlf subject", "script name", "long subject", "unicode address"],
+)
+def test_hostile_values_never_break_our_mails(
+    napp: App, sender: Sender, relay: Relay, subject: str, address: str, name: str
+) -> None:
+    raw = (
+        f'From: "{name}" <{address}>\r\nTo: support@localhost\r\nSubject: {subject}\r\n'
+        "Message-ID: <h@x.example>\r\n\r\nhelp\r\n"
+    ).encode()
+    assert ingest(napp, raw).outcome == "created"
+    assert sender.run_once() == 1
+    data = relay.captured[0].data
+    head = data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    names = [line.split(b":", 1)[0].lower() for line in head if line[:1] not in (b" ", b"\t")]
+    assert b"bcc" not in names and len(names) == len(set(names))
+    assert all(re.fullmatch(rb"[A-Za-z0-9-]+", n) for n in names)
+    message = relay.captured[0].message
+    assert "\n" not in str(message["Subject"]) and len(str(message["Subject"])) <= 200
+    html = message.get_body(("html",)).get_content()  # type: ignore[union-attr]
+    assert "<img src=x" not in html and "<script" not in html
+
+
+def test_a_broken_template_override_stops_serve_with_one_line(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    folder = tmp_path / "tpl" / "mail"
+    folder.mkdir(parents=True)
+    (folder / "pending.txt").write_text("{% if %}broken")
+    done = run_cli(data_dir, "serve", env={"ECR_GATEWAY_TEMPLATES__FOLDER": str(tmp_path / "tpl")})
+    err = done.stderr.decode().strip()
+    assert done.returncode != 0
+    assert "pending.txt" in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_an_override_replaces_one_template_file(
+    tmp_path: Path, data_dir: Path, clock: Clock
+) -> None:
+    folder = tmp_path / "tpl" / "mail"
+    folder.mkdir(parents=True)
+    (folder / "created.txt").write_text("Hello from our desk: {{ ref }}\n")
+    settings = make_settings(data_dir, {"ECR_GATEWAY_TEMPLATES__FOLDER": str(tmp_path / "tpl")})
+    app = build_app(settings, clock=clock)
+    app.renderer.check()
+    ingest(app, mail())
+    app.sender().run_once()
+    sent = list((data_dir / "sent" / "new").iterdir())
+    assert len(sent) == 1
+    body = sent[0].read_bytes()
+    assert b"Hello from our desk: ECR-000001" in body
+    assert b"Thank you for your mail" in body  # the HTML part is still ours
+    app.close()
