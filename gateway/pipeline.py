@@ -311,5 +311,6 @@ def sniff_message_id(raw: bytes) -> str:
             ids = parse_mod.message_ids([value.decode("latin-1")])
             if ids:
                 return ids[0]
-            return parse_mod.normalise_id(value.decode("latin-1")) if b"@" in value else ""
+            bare = parse_mod.normalise_id(value.decode("latin-1"))
+            return bare if b"@" in value and not parse_mod.NOT_IN_ID.search(bare) else ""
     return ""

@@ -63,7 +63,10 @@ CLASSIFY_HEADERS = (
     "x-failed-recipients",
 )
 
-MSGID = re.compile(r"<([^<>\s]{1,500})>")
+# A Message-ID we keep is echoed into our replies' In-Reply-To/References: no space or control
+# character may survive into it (a form feed or NUL there breaks, or injects into, our headers).
+MSGID = re.compile(r"<([^<>\s\x00-\x1f\x7f]{1,500})>")
+NOT_IN_ID = re.compile(r"[\s\x00-\x1f\x7f]")
 CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
@@ -364,7 +367,7 @@ def _first_id(value: object) -> str:
     if ids:
         return ids[0]
     bare = normalise_id(header_text(value))
-    return bare if bare and " " not in bare else ""
+    return bare if bare and not NOT_IN_ID.search(bare) else ""
 
 
 def message_ids(values: Sequence[object]) -> tuple[str, ...]:

@@ -102,7 +102,9 @@ class Notifier:
 
     def _queue_one(self, h: Happened, p: plan.Planned, audience: Audience, now: datetime) -> int:
         ref = self.ref(h.ecr_id)
-        contact = self.outbox.contact_id(p.to) if p.template != "staff_update" else 0
+        contact = 0
+        if p.template != "staff_update":
+            contact = audience.contact_ids.get(p.to.email) or self.outbox.contact_id(p.to)
         mid = compose.message_id(ref, secrets.token_hex(6), self.keys[0], self.me.domain)
         headers = compose.Headers(
             ref=ref,
