@@ -180,8 +180,19 @@ def _m3_outbox(d: Database) -> None:
     d.execute("CREATE INDEX outbox_ecr ON outbox(ecr_id)")
 
 
+def _m4_imap(d: Database) -> None:
+    # Per watched mailbox: the cursor (UIDVALIDITY, last UID) and its health.
+    d.execute("""CREATE TABLE imap_state (
+        mailbox TEXT PRIMARY KEY, uidvalidity INTEGER, last_uid INTEGER NOT NULL DEFAULT 0,
+        last_success TEXT, last_error TEXT, reconnects INTEGER NOT NULL DEFAULT 0)""")
+    # Messages we decided never to fetch (over the size limit), so they are handled once.
+    d.execute("""CREATE TABLE imap_skipped (
+        mailbox TEXT NOT NULL, uidvalidity INTEGER NOT NULL, uid INTEGER NOT NULL,
+        reason TEXT NOT NULL, at TEXT NOT NULL, PRIMARY KEY (mailbox, uidvalidity, uid))""")
+
+
 # Append only: a migration, once released, is never edited; its number is its position.
-MIGRATIONS: list[Callable[[Database], None]] = [_m1_core, _m2_search, _m3_outbox]
+MIGRATIONS: list[Callable[[Database], None]] = [_m1_core, _m2_search, _m3_outbox, _m4_imap]
 
 
 def migrate(d: Database) -> None:
