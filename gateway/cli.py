@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,11 +13,13 @@ from typing import Any, NoReturn
 
 import click
 
+from gateway import service
 from gateway.app import App, build_app
 from gateway.config import ConfigError, load_settings
 from gateway.inbound import files
 from gateway.model import Envelope, Status
 from gateway.notify.render import TemplateProblem
+from gateway.service import ServiceError
 from gateway.staff import StaffError
 
 EX_USAGE = 64  # sysexits.h: the MTA-facing exit codes of `ingest`
@@ -81,40 +81,26 @@ def cli(ctx: click.Context, config: str | None, verbose: bool) -> None:
 @cli.command()
 @click.pass_context
 def serve(ctx: click.Context) -> None:
-    """Run the gateway: the spool processor and the outbox sender (SMTP, IMAP and web to come).
+    """Run the gateway: SMTP receiver, spool processor and outbox sender, until SIGTERM.
 
     Every template is rendered once first: a broken override stops it with one line.
 
     \b
     Example:
       ecr-gateway serve
+      ECR_GATEWAY_SMTP__PORT=2626 ecr-gateway serve
     """
     logging.getLogger().setLevel(logging.INFO)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    with opened(ctx) as app:
-        try:
-            app.renderer.check()
-        except TemplateProblem as exc:
-            raise Failure(str(exc), 78) from None
-        recovered = app.pipeline.recover()
-        # The sender opens its own connection inside its thread (sqlite3 objects stay put).
-        sender = threading.Thread(target=lambda: app.sender().run(stop), name="outbox")
-        sender.start()
-        where = app.settings.outbound.relay_host or str(app.settings.data_dir / "sent")
-        log.info(
-            "ecr-gateway serving: data in %s, %d waiting mails processed, notifications to "
-            "%s; SMTP, IMAP and HTTP listeners are not part of this release yet",
-            app.settings.data_dir,
-            len(recovered),
-            where,
-        )
-        while not stop.is_set():
-            app.pipeline.process_waiting()
-            stop.wait(1)
-        sender.join()
-        log.info("ecr-gateway stopped")
+    try:
+        settings = load_settings(ctx.obj["config"], os.environ)
+    except ConfigError as exc:
+        raise Failure(f"configuration: {exc}", 78) from None
+    try:
+        service.run(settings, os.environ)
+    except (TemplateProblem, ServiceError) as exc:
+        raise Failure(str(exc), 78) from None
+    except OSError as exc:  # e.g. the SMTP port is taken
+        raise Failure(f"cannot start: {exc}", 71) from None
 
 
 @cli.command()

@@ -95,7 +95,7 @@ def mail(
     for name, ctype, data in attachments or []:
         maintype, _, subtype = ctype.partition("/")
         msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
-    return msg.as_bytes()
+    return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))  # as on the wire
 
 
 mail.counter = 0  # type: ignore[attr-defined]

@@ -1,0 +1,223 @@
+"""SMTP as a transport: the only module that imports aiosmtpd.
+
+Its sole purpose: take mail for our addresses and answer 250 only once the message is accepted
+(spooled, fsynced, its row committed), which the Acceptor does for many sessions at once (group
+commit). Recipients are judged at RCPT, before any data is taken (never an open relay); any
+fault of ours is a 451, never aiosmtpd's default 500, so the sending MTA retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import ssl
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from gateway.model import Envelope as Mail
+from gateway.pipeline import Pipeline
+from gateway.store.records import Accepted
+
+log = logging.getLogger(__name__)
+# aiosmtpd logs every DATA line at debug level: mail bodies must never reach a log (patient
+# data), so its logger never goes below warning, whatever the root level is.
+logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+@dataclass(frozen=True)
+class SmtpPolicy:
+    domain: str
+    own_addresses: frozenset[str]
+    max_message_size: int
+    max_recipients: int
+    max_connections_per_peer: int
+    idle_timeout: float
+    session_timeout: float
+    tls_context: ssl.SSLContext | None = None
+
+    def ours(self, address: str) -> bool:
+        local, at, domain = address.casefold().rpartition("@")
+        base = f"{local.partition('+')[0]}@{domain}"
+        return bool(at) and (domain == self.domain or base in self.own_addresses)
+
+
+class Acceptor:
+    """One thread that accepts what every SMTP session hands it, in batches: one commit and
+    one file-system sync cover every message that arrived while the last batch was syncing."""
+
+    def __init__(
+        self, make_pipeline: Callable[[], Pipeline], wake: Callable[[], None], max_batch: int = 64
+    ) -> None:
+        self.make_pipeline = make_pipeline
+        self.wake = wake
+        self.max_batch = max_batch
+        self.queue: queue.Queue[tuple[Mail, concurrent.futures.Future[Accepted]] | None] = (
+            queue.Queue()
+        )
+        self.thread = threading.Thread(target=self._run, name="smtp-acceptor", daemon=True)
+
+    def start(self) -> Acceptor:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self.thread.join(30)
+
+    async def submit(self, mail: Mail) -> Accepted:
+        future: concurrent.futures.Future[Accepted] = concurrent.futures.Future()
+        self.queue.put((mail, future))
+        return await asyncio.wrap_future(future)
+
+    def _run(self) -> None:
+        pipeline = self.make_pipeline()  # its own SQLite connection, in this thread
+        while (batch := self._next_batch()) is not None:
+            self._accept(pipeline, batch)
+
+    def _next_batch(self) -> list[tuple[Mail, concurrent.futures.Future[Accepted]]] | None:
+        first = self.queue.get()
+        if first is None:
+            return None
+        batch = [first]
+        while len(batch) < self.max_batch:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self.queue.put(None)  # finish this batch, then stop
+                break
+            batch.append(item)
+        return batch
+
+    def _accept(
+        self, pipeline: Pipeline, batch: list[tuple[Mail, concurrent.futures.Future[Accepted]]]
+    ) -> None:
+        try:
+            accepted = pipeline.accept_many([m for m, _ in batch])
+        except Exception as exc:  # every session of the batch answers 451 and retries
+            log.error("accepting %d SMTP messages failed: %s", len(batch), type(exc).__name__)
+            for _, future in batch:
+                future.set_exception(exc)
+            return
+        for (_, future), a in zip(batch, accepted, strict=True):
+            future.set_result(a)
+        self.wake()
+
+
+class Handler:
+    """aiosmtpd hooks: RCPT is judged before data; DATA ends in the acceptor."""
+
+    def __init__(
+        self, policy: SmtpPolicy, acceptor: Acceptor, clock: Callable[[], datetime]
+    ) -> None:
+        self.policy = policy
+        self.acceptor = acceptor
+        self.clock = clock
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if not self.policy.ours(address):
+            return "550 5.7.1 Relaying denied: not an address of ours"
+        if len(envelope.rcpt_tos) >= self.policy.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        raw = envelope.original_content or b""
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8", "surrogateescape")
+        mail = Mail(
+            bytes(raw), "smtp", _address(envelope.mail_from), tuple(envelope.rcpt_tos), self.clock()
+        )
+        try:
+            accepted = await self.acceptor.submit(mail)
+        except Exception:  # already logged by the acceptor; never a 5xx for our own fault
+            return "451 4.3.0 Local error, try again later"
+        return f"250 2.0.0 OK queued as {accepted.inbound_id}"
+
+
+def _address(value: Any) -> str:
+    text = str(value or "")
+    return "" if text in ("<>", "None") else text
+
+
+class Receiver(SMTP):
+    """aiosmtpd's session with the limits it lacks: connections per peer, a session deadline,
+    and an idle timeout that really means idle (aiosmtpd's also cuts a slow but steady DATA)."""
+
+    def __init__(self, handler: Handler, policy: SmtpPolicy, peers: Counter[str]) -> None:
+        super().__init__(
+            handler,
+            data_size_limit=policy.max_message_size,
+            enable_SMTPUTF8=True,
+            hostname=policy.domain,
+            tls_context=policy.tls_context,
+            timeout=policy.idle_timeout,
+            command_call_limit={"*": 50, "RCPT": policy.max_recipients * 3, "NOOP": 10},
+        )
+        self.policy = policy
+        self.peers = peers
+        self.peer_ip = ""
+        self.deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.deadline is not None:  # STARTTLS re-enters here: one session, one deadline
+            return
+        self.peer_ip = str((transport.get_extra_info("peername") or ("?",))[0])
+        self.peers[self.peer_ip] += 1
+        self.deadline = self.loop.call_later(self.policy.session_timeout, self._expire)
+        if self.peers[self.peer_ip] > self.policy.max_connections_per_peer:
+            self._close_with(b"421 4.7.0 Too many connections from your address\r\n")
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.peers[self.peer_ip] -= 1
+            if self.peers[self.peer_ip] <= 0:
+                del self.peers[self.peer_ip]
+        super().connection_lost(error)
+
+    def data_received(self, data: bytes) -> None:
+        self._reset_timeout()
+        super().data_received(data)
+
+    def _expire(self) -> None:
+        self._close_with(b"421 4.4.2 Session time limit reached, closing\r\n")
+
+    def _close_with(self, line: bytes) -> None:
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.write(line)
+        if transport is not None:
+            transport.close()
+
+
+async def start_server(
+    policy: SmtpPolicy,
+    acceptor: Acceptor,
+    host: str,
+    port: int,
+    clock: Callable[[], datetime] | None = None,
+) -> asyncio.Server:
+    """Listen on host:port (0: the OS picks; read it from the returned server's sockets)."""
+    handler = Handler(policy, acceptor, clock or (lambda: datetime.now(UTC).replace(microsecond=0)))
+    peers: Counter[str] = Counter()
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: Receiver(handler, policy, peers), host, port)

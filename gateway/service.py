@@ -1,0 +1,170 @@
+"""`ecr-gateway serve`: one asyncio process with the SMTP receiver, the IMAP watchers, the spool
+processor and the outbox sender, stopped cleanly by SIGTERM or SIGINT.
+
+Each worker is a thread with its own App (SQLite connections stay in the thread that opened
+them): the SMTP sessions live on the event loop and hand messages to the acceptor thread; the
+processor thread wakes when something was accepted; the sender thread delivers the outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from gateway.app import App, build_app
+from gateway.config import Settings
+from gateway.inbound import smtp
+
+log = logging.getLogger("gateway")
+
+SHUTDOWN_GRACE = 10.0  # seconds in-flight SMTP sessions get to finish
+
+
+class ServiceError(Exception):
+    """The service cannot start; the message says why in one line."""
+
+
+@dataclass
+class Workers:
+    stop: threading.Event = field(default_factory=threading.Event)
+    wake: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def spawn(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=_logged(name, target), name=name, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def join(self) -> None:
+        self.stop.set()
+        self.wake.set()
+        for thread in self.threads:
+            thread.join(30)
+
+
+def run(settings: Settings, environ: Mapping[str, str]) -> None:
+    """Start everything, block until a signal, then stop in order: listeners first."""
+    app = build_app(settings, environ=environ)
+    try:
+        app.renderer.check()
+        recovered = app.pipeline.recover()
+    finally:
+        app.close()
+    log.info("recovery: %d accepted mails processed", len(recovered))
+    asyncio.run(_serve(settings, environ))
+
+
+async def _serve(settings: Settings, environ: Mapping[str, str]) -> None:
+    workers = Workers()
+    make = lambda: build_app(settings, environ=environ)  # noqa: E731 - one App per thread
+    workers.spawn("processor", lambda: _process(make, workers))
+    workers.spawn("outbox", lambda: _send(make, workers))
+    listeners = await _listen(settings, make, workers)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    log.info("ecr-gateway serving: %s", "; ".join(listeners.summary))
+    await stopping.wait()
+    log.info("stopping: no new connections; in-flight sessions get %.0fs", SHUTDOWN_GRACE)
+    await listeners.close()
+    workers.join()
+    log.info("ecr-gateway stopped")
+
+
+@dataclass
+class Listeners:
+    summary: list[str] = field(default_factory=list)
+    servers: list[asyncio.Server] = field(default_factory=list)
+    acceptor: smtp.Acceptor | None = None
+
+    async def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        for server in self.servers:
+            try:
+                await asyncio.wait_for(server.wait_closed(), SHUTDOWN_GRACE)
+            except TimeoutError:
+                log.warning("SMTP sessions still open after %.0fs; closing", SHUTDOWN_GRACE)
+        if self.acceptor:
+            self.acceptor.stop()  # after the sessions: their last messages are accepted first
+
+
+async def _listen(settings: Settings, make: Callable[[], App], workers: Workers) -> Listeners:
+    out = Listeners()
+    if settings.smtp.enabled:
+        out.acceptor = smtp.Acceptor(lambda: make().pipeline, workers.wake.set).start()
+        server = await smtp.start_server(
+            smtp_policy(settings), out.acceptor, settings.smtp.host, settings.smtp.port
+        )
+        out.servers.append(server)
+        host, port = server.sockets[0].getsockname()[:2]
+        out.summary.append(f"SMTP on {host}:{port}")
+    out.summary.append(f"notifications to {settings.outbound.relay_host or 'data/sent/'}")
+    out.summary.append(f"data in {settings.data_dir}")
+    return out
+
+
+def smtp_policy(settings: Settings) -> smtp.SmtpPolicy:
+    s = settings.smtp
+    return smtp.SmtpPolicy(
+        domain=settings.gateway.domain.lower(),
+        own_addresses=settings.own_addresses,
+        max_message_size=s.max_message_size,
+        max_recipients=s.max_recipients,
+        max_connections_per_peer=s.max_connections_per_peer,
+        idle_timeout=float(s.idle_timeout),
+        session_timeout=float(s.session_timeout),
+        tls_context=_tls(s.tls_cert, s.tls_key),
+    )
+
+
+def _tls(cert: str, key: str) -> ssl.SSLContext | None:
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise ServiceError("smtp.tls_cert and smtp.tls_key go together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ServiceError(f"smtp.tls_cert/tls_key cannot be loaded: {exc}") from None
+    return context
+
+
+def _process(make: Callable[[], App], workers: Workers) -> None:
+    """The spool processor: wakes on each accepted batch, and every second regardless."""
+    app = make()
+    try:
+        while not workers.stop.is_set():
+            workers.wake.wait(1.0)
+            workers.wake.clear()
+            try:
+                app.pipeline.process_waiting()
+            except Exception:  # e.g. the database locked for too long: try again next turn
+                log.exception("spool processing failed; retrying")
+    finally:
+        app.close()
+
+
+def _send(make: Callable[[], App], workers: Workers) -> None:
+    app = make()
+    try:
+        app.sender().run(workers.stop)
+    finally:
+        app.close()
+
+
+def _logged(name: str, target: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        try:
+            target()
+        except Exception:
+            log.exception("%s thread failed", name)
+
+    return run

@@ -1,0 +1,184 @@
+"""The SMTP receiver inside a real `ecr-gateway serve`, driven by a real client (smtplib)."""
+
+from __future__ import annotations
+
+import socket
+import smtplib
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import mail
+from tests.serving import Served
+
+LIMITS = {
+    "ECR_GATEWAY_SMTP__MAX_MESSAGE_SIZE": "100000",
+    "ECR_GATEWAY_SMTP__IDLE_TIMEOUT": "1",
+    "ECR_GATEWAY_SMTP__SESSION_TIMEOUT": "3",
+    "ECR_GATEWAY_SMTP__MAX_CONNECTIONS_PER_PEER": "3",
+    "ECR_GATEWAY_HTTP__ENABLED": "false",
+}
+
+
+@pytest.fixture
+def served(data_dir: Path) -> Iterator[Served]:
+    s = Served(data_dir, LIMITS).start()
+    yield s
+    s.stop()
+
+
+def client(served: Served) -> smtplib.SMTP:
+    return smtplib.SMTP("127.0.0.1", served.smtp_port, timeout=10)
+
+
+def rows(data_dir: Path, sql: str) -> list[tuple[object, ...]]:
+    with sqlite3.connect(data_dir / "gateway.db") as db:
+        return db.execute(sql).fetchall()
+
+
+def wait_for(check: object, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def test_a_mail_becomes_an_ecr_after_250(served: Served, data_dir: Path) -> None:
+    with client(served) as c:
+        refused = c.sendmail("gp@practice.example", ["support@localhost"], mail())
+    assert refused == {}  # sendmail itself raises unless DATA got its 250
+    wait_for(lambda: rows(data_dir, "SELECT outcome FROM inbound") == [("created",)])
+    assert rows(data_dir, "SELECT source, mail_from, rcpt_tos FROM inbound") == [
+        ("smtp", "gp@practice.example", '["support@localhost"]')
+    ]
+    assert rows(data_dir, "SELECT COUNT(*) FROM ecrs") == [(1,)]
+
+
+def test_an_unknown_recipient_is_refused_at_rcpt(served: Served, data_dir: Path) -> None:
+    with client(served) as c:
+        c.ehlo()
+        c.mail("x@outside.example")
+        assert c.rcpt("someone@elsewhere.example")[0] == 550
+        assert c.rcpt("support+anything@localhost")[0] == 250
+        assert c.rcpt("lv@localhost")[0] == 250  # any address of our domain
+    assert rows(data_dir, "SELECT COUNT(*) FROM inbound") == [(0,)]
+
+
+def test_oversize_with_declared_size_is_refused_at_mail(served: Served, data_dir: Path) -> None:
+    with client(served) as c:
+        c.ehlo()
+        code, _ = c.mail("gp@practice.example", options=["SIZE=200000"])
+    assert code == 552
+    assert rows(data_dir, "SELECT COUNT(*) FROM inbound") == [(0,)]
+
+
+def test_oversize_without_size_is_refused_after_the_data(served: Served, data_dir: Path) -> None:
+    big = mail(body=("x" * 70 + "\n") * 2200)
+    with client(served) as c:  # sendmail would declare SIZE=; these commands do not
+        c.ehlo()
+        assert c.mail("gp@practice.example")[0] == 250
+        assert c.rcpt("support@localhost")[0] == 250
+        code, _ = c.data(big)
+    assert code == 552
+    assert rows(data_dir, "SELECT COUNT(*) FROM inbound") == [(0,)]
+    assert not list((data_dir / "spool").glob("*/*.eml"))
+
+
+def test_recipients_past_the_cap_get_452(served: Served) -> None:
+    with client(served) as c:
+        c.ehlo()
+        c.mail("gp@practice.example")
+        codes = [c.rcpt(f"user{n}@localhost")[0] for n in range(150)]
+    assert codes[:100] == [250] * 100 and codes[100:] == [452] * 50
+
+
+def test_a_silent_client_is_cut_off_at_the_idle_timeout(served: Served) -> None:
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", served.smtp_port), timeout=10) as s:
+        greeting = s.recv(1024)
+        assert greeting.startswith(b"220")
+        rest = _read_until_closed(s)
+    assert time.monotonic() - started < 5
+    assert b"421" in rest or rest == b""
+
+
+def test_a_trickling_client_is_cut_off_at_the_session_deadline(
+    served: Served, data_dir: Path
+) -> None:
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", served.smtp_port), timeout=10) as s:
+        s.recv(1024)
+        for line in (
+            b"EHLO x\r\n",
+            b"MAIL FROM:<gp@practice.example>\r\n",
+            b"RCPT TO:<support@localhost>\r\n",
+            b"DATA\r\n",
+        ):
+            s.sendall(line)
+            time.sleep(0.1)
+        closed = False
+        for _ in range(100):  # a byte every 0.2 s: never idle, never done
+            try:
+                s.sendall(b"x")
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.2)
+            if time.monotonic() - started > 8:
+                break
+        if not closed:
+            closed = _read_until_closed(s) is not None
+    assert closed and time.monotonic() - started < 8
+    assert rows(data_dir, "SELECT COUNT(*) FROM inbound") == [(0,)]
+
+
+def test_connections_per_peer_are_capped(served: Served) -> None:
+    held = [client(served) for _ in range(3)]
+    try:
+        with socket.create_connection(("127.0.0.1", served.smtp_port), timeout=5) as s:
+            assert b"421" in _read_until_closed(s)
+    finally:
+        for c in held:
+            c.close()
+
+
+def test_our_own_failure_is_451_and_nothing_half_stored(served: Served, data_dir: Path) -> None:
+    tmp = data_dir / "spool" / "tmp"
+    tmp.rmdir()
+    tmp.write_text("a file where the spool's temp directory should be")  # writes now fail
+    try:
+        with client(served) as c, pytest.raises(smtplib.SMTPDataError) as refused:
+            c.sendmail("gp@practice.example", ["support@localhost"], mail())
+        assert refused.value.smtp_code == 451
+        assert rows(data_dir, "SELECT COUNT(*) FROM inbound") == [(0,)]
+    finally:
+        tmp.unlink()
+        tmp.mkdir()
+    with client(served) as c:
+        c.sendmail("gp@practice.example", ["support@localhost"], mail())
+    wait_for(lambda: rows(data_dir, "SELECT outcome FROM inbound") == [("created",)])
+
+
+def test_sigterm_stops_cleanly(data_dir: Path) -> None:
+    s = Served(data_dir, LIMITS).start()
+    with client(s) as c:
+        c.sendmail("gp@practice.example", ["support@localhost"], mail())
+    assert s.stop() == 0
+    assert any("ecr-gateway stopped" in line for line in s.lines)
+    assert rows(data_dir, "SELECT state FROM inbound") == [("done",)]
+    assert not list((data_dir / "spool" / "tmp").iterdir())
+
+
+def _read_until_closed(s: socket.socket) -> bytes:
+    data = b""
+    try:
+        while chunk := s.recv(1024):
+            data += chunk
+    except OSError:
+        pass
+    return data
