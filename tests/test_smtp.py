@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import socket
 import smtplib
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
