@@ -127,11 +127,15 @@ class Pipeline:
         return self.process(accepted.inbound_id)
 
     def process_waiting(
-        self, parse_many: BatchParser | None = None, batch: int = 256
+        self,
+        parse_many: BatchParser | None = None,
+        batch: int = 256,
+        stop: Callable[[], bool] = lambda: False,
     ) -> list[Result]:
-        """Every accepted, unprocessed row: start-up recovery, replay, a batch of imports."""
+        """Every accepted, unprocessed row (start-up recovery, replay, the service's spool
+        processor), batch by batch; `stop` is asked between batches for a clean shutdown."""
         results: list[Result] = []
-        while ids := self.records.waiting(batch):
+        while not stop() and (ids := self.records.waiting(batch)):
             results += self.process_many(ids, parse_many)
         return results
 

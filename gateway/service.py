@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import os
 import signal
 import ssl
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from gateway.app import App, build_app
 from gateway.config import Settings
@@ -25,26 +28,65 @@ log = logging.getLogger("gateway")
 SHUTDOWN_GRACE = 10.0  # seconds in-flight SMTP sessions get to finish
 
 
+class EventLike(Protocol):
+    def is_set(self) -> bool: ...
+    def set(self) -> None: ...
+    def clear(self) -> None: ...
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
 class ServiceError(Exception):
     """The service cannot start; the message says why in one line."""
 
 
-@dataclass
-class Workers:
-    stop: threading.Event = field(default_factory=threading.Event)
-    wake: threading.Event = field(default_factory=threading.Event)
-    threads: list[threading.Thread] = field(default_factory=list)
+class Worker:
+    """The spool processor and the outbox sender, in a process of their own: parsing and
+    applying are CPU work, and on the listeners' interpreter they would hold its lock while
+    SMTP sessions wait for their 250."""
 
-    def spawn(self, name: str, target: Callable[[], None]) -> None:
-        thread = threading.Thread(target=_logged(name, target), name=name, daemon=True)
-        thread.start()
-        self.threads.append(thread)
+    def __init__(self, settings: Settings, environ: Mapping[str, str]) -> None:
+        context = multiprocessing.get_context("spawn")  # no fork of a process with threads
+        self.stop = context.Event()
+        self.wake = context.Event()
+        self.process = context.Process(
+            target=_worker_main,
+            name="ecr-worker",
+            daemon=True,
+            args=(settings, dict(environ), self.stop, self.wake),
+        )
+
+    def start(self) -> Worker:
+        self.process.start()
+        return self
 
     def join(self) -> None:
         self.stop.set()
         self.wake.set()
-        for thread in self.threads:
-            thread.join(30)
+        self.process.join(60)
+        if self.process.is_alive():
+            log.warning("worker did not stop in 60s; terminating it")
+            self.process.terminate()
+
+
+def _worker_main(
+    settings: Settings, environ: dict[str, str], stop: EventLike, wake: EventLike
+) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    # Acceptance is what senders wait for; processing has the spool to queue in. Under load
+    # the listeners' process gets the CPU first.
+    os.nice(5)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    make = lambda: build_app(settings, environ=environ)  # noqa: E731 - one App per thread
+    halt = threading.Event()
+    sender = threading.Thread(target=_logged("outbox", lambda: _send(make, halt)), name="outbox")
+    sender.start()
+    try:
+        _process(make, stop, wake)
+    finally:
+        halt.set()
+        sender.join(30)
 
 
 def run(settings: Settings, environ: Mapping[str, str]) -> None:
@@ -56,15 +98,17 @@ def run(settings: Settings, environ: Mapping[str, str]) -> None:
     finally:
         app.close()
     log.info("recovery: %d accepted mails processed", len(recovered))
-    asyncio.run(_serve(settings, environ))
+    worker = Worker(settings, environ).start()
+    try:
+        asyncio.run(_serve(settings, environ, worker.wake.set))
+    finally:
+        worker.join()
+    log.info("ecr-gateway stopped")
 
 
-async def _serve(settings: Settings, environ: Mapping[str, str]) -> None:
-    workers = Workers()
+async def _serve(settings: Settings, environ: Mapping[str, str], wake: Callable[[], None]) -> None:
     make = lambda: build_app(settings, environ=environ)  # noqa: E731 - one App per thread
-    workers.spawn("processor", lambda: _process(make, workers))
-    workers.spawn("outbox", lambda: _send(make, workers))
-    listeners = await _listen(settings, make, workers)
+    listeners = await _listen(settings, make, wake)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -73,8 +117,6 @@ async def _serve(settings: Settings, environ: Mapping[str, str]) -> None:
     await stopping.wait()
     log.info("stopping: no new connections; in-flight sessions get %.0fs", SHUTDOWN_GRACE)
     await listeners.close()
-    workers.join()
-    log.info("ecr-gateway stopped")
 
 
 @dataclass
@@ -95,10 +137,12 @@ class Listeners:
             self.acceptor.stop()  # after the sessions: their last messages are accepted first
 
 
-async def _listen(settings: Settings, make: Callable[[], App], workers: Workers) -> Listeners:
+async def _listen(
+    settings: Settings, make: Callable[[], App], wake: Callable[[], None]
+) -> Listeners:
     out = Listeners()
     if settings.smtp.enabled:
-        out.acceptor = smtp.Acceptor(lambda: make().pipeline, workers.wake.set).start()
+        out.acceptor = smtp.Acceptor(lambda: make().pipeline, wake).start()
         server = await smtp.start_server(
             smtp_policy(settings), out.acceptor, settings.smtp.host, settings.smtp.port
         )
@@ -137,25 +181,25 @@ def _tls(cert: str, key: str) -> ssl.SSLContext | None:
     return context
 
 
-def _process(make: Callable[[], App], workers: Workers) -> None:
+def _process(make: Callable[[], App], stop: EventLike, wake: EventLike) -> None:
     """The spool processor: wakes on each accepted batch, and every second regardless."""
     app = make()
     try:
-        while not workers.stop.is_set():
-            workers.wake.wait(1.0)
-            workers.wake.clear()
+        while not stop.is_set():
+            wake.wait(1.0)
+            wake.clear()
             try:
-                app.pipeline.process_waiting()
+                app.pipeline.process_waiting(batch=16, stop=stop.is_set)
             except Exception:  # e.g. the database locked for too long: try again next turn
                 log.exception("spool processing failed; retrying")
     finally:
         app.close()
 
 
-def _send(make: Callable[[], App], workers: Workers) -> None:
+def _send(make: Callable[[], App], stop: threading.Event) -> None:
     app = make()
     try:
-        app.sender().run(workers.stop)
+        app.sender().run(stop)
     finally:
         app.close()
 

@@ -25,6 +25,7 @@ from gateway.model import Address
 from gateway.notify.render import Rendered
 
 SUBJECT_LIMIT = 200
+SAFE_ID = re.compile(r"[!-;=?-~]{1,500}")  # printable ASCII without space, < and >
 _QP = Charset("utf-8")
 _QP.body_encoding = QP  # readable in a raw mail, unlike base64
 _WIRE = compat32.clone(linesep="\r\n")  # smtplib sends bytes as they are: CRLF is ours to do
@@ -81,17 +82,18 @@ def build(h: Headers, body: Rendered) -> bytes:
 
 
 def _header_values(h: Headers) -> list[tuple[str, str]]:
-    """Everything but To and Subject: values we made ourselves, all ASCII."""
+    """Everything but To and Subject: values we made, and Message-IDs we stored (checked)."""
     out = [
         ("From", h.sender),
         ("Reply-To", h.reply_to),
         ("Date", format_datetime(h.date)),
         ("Message-ID", f"<{h.message_id}>"),
     ]
-    if h.in_reply_to:
+    if _safe_id(h.in_reply_to):
         out.append(("In-Reply-To", f"<{h.in_reply_to}>"))
-    if h.references:
-        out.append(("References", " ".join(f"<{r}>" for r in h.references)))
+    references = [r for r in h.references if _safe_id(r)]
+    if references:
+        out.append(("References", " ".join(f"<{r}>" for r in references)))
     out += [
         ("Auto-Submitted", h.auto_submitted),
         ("X-Auto-Response-Suppress", "All"),  # Outlook: send no out-of-office to this
@@ -100,6 +102,11 @@ def _header_values(h: Headers) -> list[tuple[str, str]]:
     if h.ref:
         out.append(("X-ECR-Reference", h.ref))
     return out
+
+
+def _safe_id(ident: str) -> bool:
+    """A Message-ID from a stored mail goes into a header only when it is one clean token."""
+    return bool(SAFE_ID.fullmatch(ident))
 
 
 def _build_utf8(h: Headers, body: Rendered) -> bytes:

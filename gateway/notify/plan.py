@@ -6,6 +6,7 @@ or empty ones; automatic mail causes no event at all, so nothing here answers it
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -67,9 +68,14 @@ def plan(
     return out
 
 
+# A plausible addr-spec: what a relay would take. A mangled address (replacement characters,
+# spaces, brackets) gets no mail; answering it would only feed a bounce loop.
+PLAUSIBLE = re.compile(r"[^\s@<>()\[\],;:\"\\\ufffd]+@[^\s@<>()\[\],;:\"\\\ufffd]+\.[^\s@.\ufffd]+")
+
+
 def deliverable(email: str, own: frozenset[str]) -> bool:
     local, at, domain = email.rpartition("@")
-    if not at or not local or not domain:
+    if not at or not local or not domain or not PLAUSIBLE.fullmatch(email):
         return False
     base = local.partition("+")[0]
     return base not in ROLE_LOCALS and f"{base}@{domain}" not in own and email not in own
