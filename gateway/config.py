@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,6 +253,7 @@ def _build(raw: dict[str, dict[str, Any]]) -> Settings:
 
 def _checked(section: str, cls: type, values: dict[str, Any]) -> dict[str, Any]:
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     out = {}
     for key, value in values.items():
         if key not in fields:
@@ -261,8 +263,32 @@ def _checked(section: str, cls: type, values: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(
                 f"{section}.{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}"
             )
+        if not _items_fit(value, hints[key]):
+            raise ConfigError(f"{section}.{key}: expected {_hint_name(hints[key])}, got {value!r}")
         out[key] = value
     return out
+
+
+def _items_fit(value: Any, hint: Any) -> bool:
+    """The items of a list or table setting have their declared type too: `[1, 2]` as
+    thanks_phrases would otherwise pass here and fail on the first mail that reads it."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        return all(isinstance(v, _plain(args[0])) for v in value)
+    if origin is dict:
+        return all(
+            isinstance(k, _plain(args[0])) and isinstance(v, _plain(args[1]))
+            for k, v in value.items()
+        )
+    return True
+
+
+def _plain(hint: Any) -> type:
+    return object if hint is Any else (typing.get_origin(hint) or hint)
+
+
+def _hint_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "")
 
 
 def _validate(s: Settings) -> None:
@@ -273,8 +299,21 @@ def _validate(s: Settings) -> None:
         ("gateway.ref_width", 1 <= s.gateway.ref_width <= 12, "must be 1 to 12"),
         ("gateway.max_attempts", s.gateway.max_attempts >= 1, "must be at least 1"),
         ("smtp.max_message_size", s.smtp.max_message_size > 0, "must be positive"),
+        ("smtp.max_recipients", s.smtp.max_recipients > 0, "must be positive"),
+        ("smtp.max_connections_per_peer", s.smtp.max_connections_per_peer > 0, "must be positive"),
+        ("smtp.idle_timeout", s.smtp.idle_timeout > 0, "must be positive"),
+        ("smtp.session_timeout", s.smtp.session_timeout > 0, "must be positive"),
+        # A size or time bound of 0 or less would quarantine every mail.
         ("limits.max_parts", s.limits.max_parts > 0, "must be positive"),
         ("limits.max_mime_depth", s.limits.max_mime_depth > 0, "must be positive"),
+        ("limits.max_attachment_size", s.limits.max_attachment_size > 0, "must be positive"),
+        ("limits.max_header_size", s.limits.max_header_size > 0, "must be positive"),
+        ("limits.parse_timeout", s.limits.parse_timeout > 0, "must be positive"),
+        ("gateway.reply_token_days", s.gateway.reply_token_days >= 1, "must be at least 1"),
+        # Without letters, every number in a subject would read as a reference.
+        ("gateway.ref_prefix", s.gateway.ref_prefix[:1].isalpha(), "must start with a letter"),
+        ("outbound.ack_limit_per_hour", s.outbound.ack_limit_per_hour >= 0, "must not be negative"),
+        ("outbound.retry_hours", s.outbound.retry_hours >= 0, "must not be negative"),
         (
             "outbound.security",
             s.outbound.security in ("tls", "starttls", "none"),

@@ -9,6 +9,9 @@ payload (mail-parser re-encodes them) and an attached mail's text must never bec
 
 from __future__ import annotations
 
+import base64
+import binascii
+import codecs
 import email
 import email.errors
 import email.header
@@ -17,6 +20,7 @@ import email.policy
 import email.utils
 import hashlib
 import logging
+import quopri
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -67,6 +71,7 @@ CLASSIFY_HEADERS = (
 # character may survive into it (a form feed or NUL there breaks, or injects into, our headers).
 MSGID = re.compile(r"<([^<>\s\x00-\x1f\x7f]{1,500})>")
 NOT_IN_ID = re.compile(r"[\s\x00-\x1f\x7f]")
+FOLD = re.compile(r"(?:\r\n|\r|\n)(?=[ \t])")
 CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
@@ -103,7 +108,7 @@ def parse(raw: bytes, limits: Limits = Limits()) -> ParsedMail | Rejection:
         return shape
     if deadline.passed():
         return Rejection("parse_timeout", f"parsing took longer than {limits.parse_timeout:g}s")
-    return _ParsedBuilder(message, deadline, limits).build()
+    return _ParsedBuilder(message, deadline, limits, raw).build()
 
 
 def _check_size(raw: bytes, limits: Limits) -> Rejection | None:
@@ -127,19 +132,42 @@ def _check_shape(message: Message, limits: Limits) -> Rejection | None:
             return Rejection("max_mime_depth", f"MIME nesting deeper than {limits.max_mime_depth}")
         if parts > limits.max_parts:
             return Rejection("max_parts", f"more than {limits.max_parts} MIME parts")
+        _usable_charset(part)
         payload = part.get_payload()
         if isinstance(payload, list):
             stack.extend((p, depth + 1) for p in payload if isinstance(p, Message))
     return None
 
 
+def _usable_charset(part: Message) -> None:
+    """The standard library decodes an 8-bit part's text with the raw charset parameter and
+    survives only an unknown name: an RFC 2231 value (a tuple) or a name holding a NUL or a
+    lone surrogate makes every later get_payload() raise. Such a parameter is made plain."""
+    charset = part.get_param("charset")
+    if charset is None:
+        return
+    name = email.utils.collapse_rfc2231_value(charset)
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        pass  # an unknown name is fine: the library and decode_text fall back on their own
+    except ValueError:
+        name = "utf-8"
+    if name != charset:  # set_param would write a non-ASCII name as RFC 2231 again
+        part.set_param("charset", name if name.isascii() else "utf-8")
+
+
 class _ParsedBuilder:
     """Collects one message's fields; a class only so the walk can share the deadline."""
 
-    def __init__(self, message: Message, deadline: _Deadline, limits: Limits) -> None:
+    def __init__(
+        self, message: Message, deadline: _Deadline, limits: Limits, raw: bytes = b""
+    ) -> None:
         self.message = message
         self.deadline = deadline
         self.limits = limits
+        self.raw = raw
+        self.sent_mails: dict[int, bytes] | None = None  # filled on the first attached mail
         self.plain: list[str] = []
         self.html: list[str] = []
         self.attachments: list[Attachment] = []
@@ -195,7 +223,7 @@ class _ParsedBuilder:
     def _take(self, part: Message) -> None:
         ctype = part.get_content_type()
         if ctype == "message/rfc822" or ctype == "message/global":
-            self._attach(part, _attached_mail_bytes(part), "message/rfc822", default=".eml")
+            self._attach(part, self._attached_mail(part), "message/rfc822", default=".eml")
             return
         if ctype == "message/delivery-status" or ctype == "text/rfc822-headers":
             return  # read by _bounce; a report's parts are not the sender's words
@@ -213,6 +241,12 @@ class _ParsedBuilder:
             self.defects.append("UndecodableTextPart")
             self._attach(part, data, "application/octet-stream", default=".bin")
         (self.html if ctype == "text/html" else self.plain).append(text)
+
+    def _attached_mail(self, part: Message) -> bytes:
+        if self.sent_mails is None:
+            self.sent_mails = _sent_attached_mails(self.message, self.raw)
+        sent = self.sent_mails.get(id(part))
+        return sent if sent is not None else _attached_mail_bytes(part)
 
     def _attach(self, part: Message, data: bytes, ctype: str, default: str = "") -> None:
         cid = (part.get("Content-ID") or "").strip().strip("<>")
@@ -288,6 +322,92 @@ def _payload_bytes(part: Message) -> bytes:
     return b""
 
 
+def _sent_attached_mails(message: Message, raw: bytes) -> dict[int, bytes]:
+    """id(part) -> an attached mail's bytes exactly as sent, for each message/rfc822 part.
+
+    The library hands an attached mail over parsed, and regenerating it changes line endings and
+    folding, so its stored copy (and hash) would not be what the sender attached. The raw bytes
+    are cut along the same boundaries the library used; where the two layouts disagree (broken
+    MIME) that subtree is left out and its attached mails are regenerated instead.
+    """
+    found: dict[int, bytes] = {}
+    stack = [(message, _body_start(raw, 0, len(raw)), len(raw))]
+    while stack:
+        part, start, end = stack.pop()
+        if part.get_content_type() in ("message/rfc822", "message/global"):
+            found[id(part)] = _transfer_decoded(part, raw[start:end])
+            continue
+        boundary = part.get_boundary()
+        children = part.get_payload()
+        if part.get_content_maintype() != "multipart" or not boundary:
+            continue
+        if not isinstance(children, list):
+            continue
+        spans = _part_spans(raw, start, end, boundary)
+        if len(spans) != len(children):
+            continue
+        for child, (a, b) in zip(children, spans, strict=True):
+            stack.append((child, _body_start(raw, a, b), b))
+    return found
+
+
+HEADER_LINE = re.compile(rb"From |[\x21-\x39\x3b-\x7e]+:|[ \t]")  # the library's own test
+
+
+def _body_start(raw: bytes, start: int, end: int) -> int:
+    """Where an entity's body begins: after the blank line, or at the first non-header line."""
+    while start < end:
+        stop = raw.find(b"\n", start, end)
+        stop = end if stop < 0 else stop + 1
+        line = raw[start:stop]
+        if not line.strip(b"\r\n"):
+            return stop
+        if not HEADER_LINE.match(line):
+            return start
+        start = stop
+    return end
+
+
+def _part_spans(raw: bytes, start: int, end: int, boundary: str) -> list[tuple[int, int]]:
+    """(start, end) of each body part between the delimiter lines of `boundary`; the line
+    ending before a delimiter belongs to the delimiter (RFC 2046 5.1.1)."""
+    delimiter = re.compile(
+        rb"^--" + re.escape(boundary.encode("utf-8", "surrogateescape")) + rb"(--)?[ \t]*\r?$",
+        re.MULTILINE,
+    )
+    spans: list[tuple[int, int]] = []
+    begin = -1
+    for m in delimiter.finditer(raw, start, end):
+        if begin >= 0:
+            spans.append((begin, _before_line_ending(raw, begin, m.start())))
+        if m.group(1):
+            return spans
+        begin = min(m.end() + 1, end)  # past the delimiter's own line ending
+    if begin >= 0:
+        spans.append((begin, end))  # no closing delimiter: the last part runs to the end
+    return spans
+
+
+def _before_line_ending(raw: bytes, begin: int, cut: int) -> int:
+    for ending in (b"\r\n", b"\n"):
+        if cut - len(ending) >= begin and raw[cut - len(ending) : cut] == ending:
+            return cut - len(ending)
+    return cut
+
+
+def _transfer_decoded(part: Message, data: bytes) -> bytes:
+    """An attached mail should be 7bit/8bit/binary; some mailers base64 it anyway."""
+    cte = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
+    try:
+        if cte == "base64":
+            return base64.b64decode(data)
+        if cte == "quoted-printable":
+            return quopri.decodestring(data)
+    except (ValueError, binascii.Error):
+        pass
+    return data
+
+
 def _attached_mail_bytes(part: Message) -> bytes:
     payload = part.get_payload()
     inner = payload[0] if isinstance(payload, list) and payload else None
@@ -316,7 +436,7 @@ def decode_text(data: bytes, charset: str | None) -> tuple[str, bool]:
     for candidate in (name, "utf-8"):
         try:
             return data.decode(candidate), True
-        except (LookupError, UnicodeDecodeError):
+        except (LookupError, ValueError):  # ValueError: bad bytes, or a NUL in the name
             continue
     text = data.decode("utf-8", "replace")
     return text, text.count("\ufffd") * 10 < max(len(text), 1)
@@ -387,15 +507,17 @@ def identity(message: Message) -> tuple[Address | None, bool, str]:
     count against the sender) and getaddresses, which before Python 3.11.10 reads
     `alice@x)<bob@y>` as two addresses (CVE-2023-27043).
     """
-    values = message.get_all("From", [])
+    # Raw items: get_all() has already turned 8-bit name bytes into U+FFFD. Unfolded (RFC 5322
+    # 2.2.3): a long name folded onto a second line is one line, not a CR/LF in the name.
+    values = [str(v) for k, v in message.raw_items() if k.lower() == "from"]
     if not values:
         return None, False, "no From header"
-    raw = _surrogates_to_text(str(values[0]))
+    raw = _surrogates_to_text(FOLD.sub("", values[0]))
     loose = [p for p in email.utils.getaddresses([raw]) if p[1]]
     sender = _address(loose[0]) if loose else None
     if len(values) > 1:
         return sender, False, "several From headers"
-    if any(c in header_text(values[0]) for c in "\x00\r\n"):
+    if any(c in header_text(raw) for c in "\x00\r\n"):
         return sender, False, "From decodes to NUL, CR or LF"
     try:
         strict = email.policy.default.header_factory("from", raw)

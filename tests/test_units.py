@@ -1,0 +1,488 @@
+"""Fast tests of the pure modules with hand-built inputs: tokens, file names, references, the
+status-rule helpers, classification and settings."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, load_settings
+from gateway.mail import classify, names, rules, tokens
+from gateway.mail.match import reference_pattern
+from gateway.mail.parse import parse
+from gateway.model import Address, Kind, ParsedMail
+from tests.conftest import mail
+
+NOW = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
+KEY = bytes.fromhex("11" * 32)
+OTHER_KEY = bytes.fromhex("22" * 32)
+
+# --- tokens -------------------------------------------------------------------------------------
+
+
+def reply_token(key: bytes = KEY, days: int = 30, purpose: tokens.Purpose = tokens.Purpose.REPLY,
+                ecr: int = 123, contact: int = 7, counter: int = 2) -> str:
+    return tokens.issue(key, purpose, ecr, contact, counter, NOW, timedelta(days=days))
+
+
+def reason(keys: list[bytes], text: str, purpose: tokens.Purpose = tokens.Purpose.REPLY,
+           now: datetime = NOW) -> str:
+    with pytest.raises(tokens.TokenError) as caught:
+        tokens.verify(keys, text, purpose, now)
+    return caught.value.reason
+
+
+def test_token_round_trip() -> None:
+    text = reply_token()
+    assert text == text.lower() and text.isalnum()  # fits a case-folding address local part
+    got = tokens.verify([KEY], text, tokens.Purpose.REPLY, NOW)
+    assert (got.purpose, got.ecr_id, got.contact_id, got.counter) == (
+        tokens.Purpose.REPLY, 123, 7, 2)
+    assert got.expires > NOW + timedelta(days=30)
+    # Some mail systems fold the local part to upper case.
+    assert tokens.verify([KEY], text.upper(), tokens.Purpose.REPLY, NOW) == got
+
+
+def test_tampered_token_is_refused() -> None:
+    text = reply_token()
+    for i in (0, len(text) // 2, len(text) - 1):
+        flipped = text[:i] + ("a" if text[i] != "a" else "b") + text[i + 1 :]
+        assert reason([KEY], flipped) in ("tampered", "malformed")
+    # The same fields signed with a key we do not hold.
+    assert reason([KEY], reply_token(key=OTHER_KEY)) == "tampered"
+
+
+def test_token_for_another_purpose_is_refused() -> None:
+    score = reply_token(purpose=tokens.Purpose.SCORE)
+    assert reason([KEY], score, tokens.Purpose.REPLY) == "wrong purpose"
+    assert tokens.verify([KEY], score, tokens.Purpose.SCORE, NOW).purpose is tokens.Purpose.SCORE
+
+
+def test_token_expires_after_its_validity() -> None:
+    text = reply_token(days=30)
+    assert tokens.verify([KEY], text, tokens.Purpose.REPLY, NOW + timedelta(days=30)).ecr_id == 123
+    assert reason([KEY], text, now=NOW + timedelta(days=31, seconds=1)) == "expired"
+
+
+@pytest.mark.parametrize(
+    "text", ["", "   ", "abc", "!!!!!!!!", "0189" * 8, "a" * 101, "é" * 32, "abc-def", "a b"]
+)
+def test_malformed_token_is_refused(text: str) -> None:
+    assert reason([KEY], text) == "malformed"
+
+
+def test_token_length_one_off_is_malformed() -> None:
+    text = reply_token()
+    assert reason([KEY], text[:-1]) in ("malformed", "tampered")
+    assert reason([KEY], text + "a") in ("malformed", "tampered")
+    assert reason([KEY], text[:8]) == "malformed"
+
+
+def test_key_rotation_old_key_still_verifies() -> None:
+    old = reply_token(key=KEY)
+    new = reply_token(key=OTHER_KEY)
+    rotated = [OTHER_KEY, KEY]  # newest first: the first signs, all verify
+    assert tokens.verify(rotated, old, tokens.Purpose.REPLY, NOW).ecr_id == 123
+    assert tokens.verify(rotated, new, tokens.Purpose.REPLY, NOW).ecr_id == 123
+    assert reason([OTHER_KEY], old) == "tampered"  # once the old key is dropped
+
+
+# --- file names ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "ctype", "expected"),
+    [
+        ("../../etc/passwd", "text/plain", "passwd"),
+        ("/etc/passwd", "text/plain", "passwd"),
+        ("..\\x.ini", "text/plain", "x.ini"),
+        ("C:\\Users\\gp\\scan.pdf", "application/pdf", "scan.pdf"),
+        ("a\x00.pdf", "application/pdf", "a.pdf"),
+        ("re\u202eport\r\n.pdf", "application/pdf", "report.pdf"),  # RLO override, CR, LF
+        ("CON", "text/plain", "_CON"),
+        ("con.txt", "text/plain", "_con.txt"),
+        ("LPT1.doc", "application/msword", "_LPT1.doc"),
+        (".htaccess", "text/plain", "htaccess"),
+        ("", "application/pdf", "attachment.pdf"),
+        ("../", "application/octet-stream", "attachment.bin"),
+        ("..", "image/png", "attachment.png"),
+        ("Befund Müller.pdf", "application/pdf", "Befund Müller.pdf"),
+    ],
+)
+def test_safe_filename(name: str, ctype: str, expected: str) -> None:
+    assert names.safe_filename(name, ctype) == expected
+
+
+def test_safe_filename_uses_the_default_extension_when_empty() -> None:
+    assert names.safe_filename("", "message/rfc822", ".eml") == "attachment.eml"
+
+
+def test_safe_filename_caps_300_characters_keeping_the_extension() -> None:
+    got = names.safe_filename("x" * 296 + ".pdf", "application/pdf")
+    assert len(got) == names.MAX_LENGTH
+    assert got.endswith(".pdf") and got.startswith("xxx")
+    bare = names.safe_filename("y" * 300, "application/pdf")
+    assert bare == "y" * names.MAX_LENGTH
+
+
+def test_safe_filename_never_holds_a_separator_or_control() -> None:
+    for name in ["a/b\\c", "..\\..\\..\\windows\\system32", "x\x1b[31m.txt", "\x7f\x85.txt"]:
+        got = names.safe_filename(name, "text/plain")
+        assert got and "/" not in got and "\\" not in got
+        assert not any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F for c in got), got
+        assert not got.startswith(".")
+
+
+# --- references ---------------------------------------------------------------------------------
+
+REF = reference_pattern("ECR-")
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "[ECR-000123] Printer",
+        "ECR-000123",
+        "ECR 123",
+        "ECR#123",
+        "ecr000123",
+        "Ecr_123 still broken",
+        "Re: [ECR-000123] Printer",
+        "RE: AW: Fwd: ECR-000123",
+        "FW: WG: SV: ECR#123",
+        "[EXTERNAL] Re: [ECR-000123] Printer",
+        "Re:ECR-000123",
+        "(ECR-000123)",
+    ],
+)
+def test_reference_pattern_finds_the_number(subject: str) -> None:
+    found = REF.search(subject)
+    assert found is not None
+    assert int(found.group(1)) == 123
+
+
+@pytest.mark.parametrize(
+    "subject",
+    ["XECR-1", "ECR-1a", "SPECR-000123", "ECR-", "ECR", "ECRX-1", "ECR--123", "Printer 123"],
+)
+def test_reference_pattern_needs_word_boundaries(subject: str) -> None:
+    assert REF.search(subject) is None
+
+
+def test_reference_pattern_follows_the_prefix() -> None:
+    inc = reference_pattern("INC#")
+    assert (m := inc.search("Re: INC-42")) and m.group(1) == "42"
+    assert inc.search("ECR-42") is None
+
+
+# --- thanks and commands ------------------------------------------------------------------------
+
+THANKS = ("thanks", "thank you", "many thanks", "cheers", "ta", "thank you very much")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Thanks",
+        "thanks!",
+        "Thank you very much.",
+        "Many thanks for your help\n\nDr A",
+        "Cheers\nJohn",
+        "Thank you so much again\n\nKind regards\nDr A\nThe Surgery",
+        "Ta very much",
+    ],
+)
+def test_thanks_only(text: str) -> None:
+    assert rules.thanks_only(text, THANKS)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "Thanks, but it is still broken",
+        "Thanks. Can you look again?",
+        "Thanks?",
+        "Thanksgiving rota is wrong",
+        "Take a look at the printer please",
+        "The printer works, thanks",
+        "Thanks\nthe printer still jams when printing labels\nDr A",
+        "Thanks\na\nb\nc\nd",
+    ],
+)
+def test_not_thanks_only(text: str) -> None:
+    assert not rules.thanks_only(text, THANKS)
+
+
+def test_thanks_phrases_are_configurable() -> None:
+    assert rules.thanks_only("Danke schön", ("danke schön",))
+    assert not rules.thanks_only("Danke schön", THANKS)
+
+
+def test_commands_at_the_top_are_applied_and_removed() -> None:
+    got = rules.commands("\nStatus: Re-activate\nProblem Type: LV  \n\nIt broke again.\n")
+    assert got.reactivate
+    assert got.problem_type == "LV"
+    assert got.notes == ()
+    assert got.text == "It broke again."
+
+
+@pytest.mark.parametrize("value", ["reactivate", "RE-OPEN", "reopen", "Re-Activated"])
+def test_reactivate_spellings(value: str) -> None:
+    assert rules.commands(f"status : {value}\nhello").reactivate
+
+
+def test_unknown_command_is_noted_not_applied() -> None:
+    got = rules.commands("Status: Closed\nPlease close it.")
+    assert not got.reactivate
+    assert got.problem_type == ""
+    assert got.notes == ("unknown command not applied: Status: Closed",)
+    assert got.text == "Please close it."
+
+
+def test_commands_below_the_text_are_left_alone() -> None:
+    text = "Hello\nStatus: Re-activate"
+    got = rules.commands(text)
+    assert (got.reactivate, got.text, got.notes) == (False, text, ())
+
+
+# --- classification -----------------------------------------------------------------------------
+
+OWN = classify.Own("inst-42", frozenset({"support@localhost", "bounces@localhost"}))
+
+
+def parsed(
+    subject: str = "Printer broken",
+    sender: str | None = "gp@practice.example",
+    headers: dict[str, str] | None = None,
+    content_type: str = "text/plain",
+    report_type: str = "",
+) -> ParsedMail:
+    return ParsedMail(
+        message_id="m1@practice.example",
+        subject=subject,
+        sender=Address(sender) if sender else None,
+        trusted=sender is not None,
+        untrusted_reason="",
+        to=(Address("support@localhost"),),
+        cc=(),
+        delivered_to=(),
+        in_reply_to=(),
+        references=(),
+        date=None,
+        headers=headers or {},
+        body="The printer is broken.",
+        new_text="The printer is broken.",
+        content_type=content_type,
+        report_type=report_type,
+    )
+
+
+def kind_of(mail_: ParsedMail, null_sender: bool = False) -> Kind:
+    return classify.classify(mail_, null_sender, OWN).kind
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"auto-submitted": "auto-replied"},
+        {"auto-submitted": "auto-generated; owner-email=x@y"},
+        {"precedence": "bulk"},
+        {"precedence": "Junk"},
+        {"precedence": "list"},
+        {"precedence": "auto_reply"},
+        {"x-autoreply": "yes"},
+        {"x-autorespond": "on"},
+        {"list-id": "<gp-forum.example>"},
+        {"list-unsubscribe": "<mailto:leave@example>"},
+        {"return-path": "<>"},
+    ],
+)
+def test_automatic_header_signals(headers: dict[str, str]) -> None:
+    assert kind_of(parsed(headers=headers)) is Kind.AUTOMATIC
+
+
+@pytest.mark.parametrize(
+    "sender",
+    ["mailer-daemon@mx.example", "postmaster@practice.example", "noreply@nhs.example",
+     "no-reply@nhs.example", "noreply+bounce@nhs.example"],
+)
+def test_role_senders_are_automatic(sender: str) -> None:
+    assert kind_of(parsed(sender=sender)) is Kind.AUTOMATIC
+
+
+@pytest.mark.parametrize(
+    "subject",
+    ["Out of Office: Printer", "Automatic reply: [ECR-000001] Printer", "Autoreply: away",
+     "Abwesenheitsnotiz: Drucker", "Réponse automatique : absent", "On annual leave"],
+)
+def test_out_of_office_subjects_are_automatic(subject: str) -> None:
+    assert kind_of(parsed(subject=subject)) is Kind.AUTOMATIC
+
+
+def test_null_envelope_sender_is_automatic() -> None:
+    assert kind_of(parsed(), null_sender=True) is Kind.AUTOMATIC
+    assert kind_of(parsed(), null_sender=False) is Kind.HUMAN
+
+
+def test_delivery_status_report_is_a_bounce() -> None:
+    dsn = parsed(content_type="multipart/report", report_type="delivery-status")
+    assert kind_of(dsn) is Kind.BOUNCE
+    assert kind_of(parsed(headers={"x-failed-recipients": "gp@practice.example"})) is Kind.BOUNCE
+    # Other reports (read receipts) are no bounce.
+    mdn = parsed(content_type="multipart/report", report_type="disposition-notification")
+    assert kind_of(mdn) is Kind.HUMAN
+
+
+def test_own_loop() -> None:
+    assert kind_of(parsed(headers={"x-ecr-loop": "inst-42"})) is Kind.LOOP
+    assert kind_of(parsed(headers={"x-ecr-loop": "other, inst-42"})) is Kind.LOOP
+    assert kind_of(parsed(sender="support@localhost")) is Kind.LOOP
+    # Another gateway's loop header is not ours.
+    assert kind_of(parsed(headers={"x-ecr-loop": "inst-4"})) is Kind.HUMAN
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"auto-submitted": "no"},
+        {"auto-submitted": "No"},
+        {"precedence": "first-class"},
+        {"x-auto-response-suppress": "All"},
+        {"x-auto-response-suppress": "DR, RN, NRN, OOF, AutoReply"},
+        {"return-path": "<gp@practice.example>"},
+    ],
+)
+def test_human_mail(headers: dict[str, str]) -> None:
+    got = classify.classify(parsed(headers=headers), False, OWN)
+    assert got.kind is Kind.HUMAN
+    assert not got.automatic
+
+
+def test_auto_response_suppress_alone_is_human_through_the_parser() -> None:
+    raw = mail(headers={"X-Auto-Response-Suppress": "All"})
+    mail_ = parse(raw)
+    assert isinstance(mail_, ParsedMail)
+    assert mail_.headers.get("x-auto-response-suppress") == "All"
+    assert classify.classify(mail_, False, OWN).kind is Kind.HUMAN
+
+
+# --- settings -----------------------------------------------------------------------------------
+
+
+def settings_from(tmp_path: Path, toml: str, env: dict[str, str] | None = None) -> object:
+    path = tmp_path / "gateway.toml"
+    path.write_text(toml)
+    return load_settings(path, env or {})
+
+
+def config_error(tmp_path: Path, toml: str, env: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as caught:
+        settings_from(tmp_path, toml, env)
+    return str(caught.value)
+
+
+def test_defaults_without_a_file() -> None:
+    s = load_settings(None, {})
+    assert (s.smtp.port, s.limits.max_attachment_size, s.gateway.max_attempts) == (
+        2525, 26214400, 3)
+
+
+def test_toml_then_environment(tmp_path: Path) -> None:
+    toml = '[smtp]\nport = 2500\nhost = "127.0.0.2"\n[gateway]\ndomain = "example.org"\n'
+    s = settings_from(tmp_path, toml, {"ECR_GATEWAY_SMTP__PORT": "2626"})
+    assert s.smtp.port == 2626  # type: ignore[attr-defined]
+    assert s.smtp.host == "127.0.0.2"  # type: ignore[attr-defined]
+    assert s.support_address == "support@example.org"  # type: ignore[attr-defined]
+
+
+def test_environment_types(tmp_path: Path) -> None:
+    s = settings_from(tmp_path, "", {
+        "ECR_GATEWAY_SMTP__ENABLED": "off",
+        "ECR_GATEWAY_GATEWAY__EXTRA_ADDRESSES": "lv@localhost, pcs@localhost",
+        "ECR_GATEWAY_GATEWAY__PROBLEM_TYPES": '{"lv@localhost": "LV"}',
+    })
+    assert s.smtp.enabled is False  # type: ignore[attr-defined]
+    assert s.gateway.extra_addresses == ["lv@localhost", "pcs@localhost"]  # type: ignore[attr-defined]
+    assert s.gateway.problem_types == {"lv@localhost": "LV"}  # type: ignore[attr-defined]
+
+
+def test_config_file_named_by_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "other.toml"
+    path.write_text("[http]\nport = 8181\n")
+    assert load_settings(None, {"ECR_GATEWAY_CONFIG": str(path)}).http.port == 8181
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ('[smtp]\nport = "2525"\n', "smtp.port"),
+        ("[smtp]\nport = 25.0\n", "smtp.port"),
+        ("[smtp]\nport = true\n", "smtp.port"),
+        ("[smtp]\nport = 70000\n", "smtp.port"),
+        ("[smtp]\nenabled = 1\n", "smtp.enabled"),
+        ('[gateway]\nextra_addresses = "lv@localhost"\n', "gateway.extra_addresses"),
+        ("[gateway]\nextra_addresses = [1]\n", "gateway.extra_addresses"),
+        ("[gateway]\nthanks_phrases = [1, 2]\n", "gateway.thanks_phrases"),
+        ("[gateway]\nproblem_types = {x = 'LV'}\n", "gateway.problem_types"),
+        ("[gateway]\nproblem_types = {'lv@x' = 1}\n", "gateway.problem_types"),
+        ("[gateway]\nmax_attempts = 0\n", "gateway.max_attempts"),
+        ("[gateway]\nref_width = 0\n", "gateway.ref_width"),
+        ("[gateway]\nref_prefix = ''\n", "gateway.ref_prefix"),
+        ("[gateway]\nref_prefix = '#'\n", "gateway.ref_prefix"),
+        ("[gateway]\nreply_token_days = -5\n", "gateway.reply_token_days"),
+        ("[gateway]\ndomain = 'a@b'\n", "gateway.domain"),
+        ("[gateway]\nreopen_window_days = -1\n", "gateway.reopen_window_days"),
+        ("[limits]\nmax_attachment_size = -1\n", "limits.max_attachment_size"),
+        ("[limits]\nmax_header_size = 0\n", "limits.max_header_size"),
+        ("[limits]\nparse_timeout = 0\n", "limits.parse_timeout"),
+        ("[limits]\nmax_mime_depth = 0\n", "limits.max_mime_depth"),
+        ("[smtp]\nmax_recipients = 0\n", "smtp.max_recipients"),
+        ("[imap]\nmailboxes = [1]\n", "imap.mailboxes"),
+        ("[http]\napi_tokens = {ops = 5}\n", "http.api_tokens"),
+        ("[outbound]\nsecurity = 'ssl'\n", "outbound.security"),
+        ("[outbound]\nack_limit_per_hour = -1\n", "outbound.ack_limit_per_hour"),
+        ("smtp = 1\n", "smtp"),
+        ("[smtp\n", "not valid TOML"),
+    ],
+)
+def test_bad_value_names_the_key(tmp_path: Path, toml: str, key: str) -> None:
+    assert key in config_error(tmp_path, toml)
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"ECR_GATEWAY_SMTP__PORT": "twenty"}, "smtp.port"),
+        ({"ECR_GATEWAY_SMTP__PORT": "-1"}, "smtp.port"),
+        ({"ECR_GATEWAY_SMTP__ENABLED": "maybe"}, "smtp.enabled"),
+        ({"ECR_GATEWAY_GATEWAY__PROBLEM_TYPES": "[1]"}, "gateway.problem_types"),
+        ({"ECR_GATEWAY_GATEWAY__PROBLEM_TYPES": "not json"}, "gateway.problem_types"),
+        ({"ECR_GATEWAY_LIMITS__MAX_ATTACHMENT_SIZE": "0"}, "limits.max_attachment_size"),
+    ],
+)
+def test_bad_environment_value_names_the_key(tmp_path: Path, env: dict[str, str],
+                                             key: str) -> None:
+    assert key in config_error(tmp_path, "", env)
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "key"),
+    [
+        ("[smtp]\nprot = 2525\n", {}, "smtp.prot"),
+        ("[smpt]\nport = 2525\n", {}, "smpt"),
+        ("", {"ECR_GATEWAY_SMTP__PROT": "2525"}, "smtp.prot"),
+        ("", {"ECR_GATEWAY_SMPT__PORT": "2525"}, "smpt.port"),
+    ],
+)
+def test_unknown_keys_are_rejected(tmp_path: Path, toml: str, env: dict[str, str],
+                                   key: str) -> None:
+    assert key in config_error(tmp_path, toml, env)
+
+
+def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "missing.toml", {})
