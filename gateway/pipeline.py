@@ -38,6 +38,7 @@ from gateway.store.records import Accepted, Arrival, Records
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+SILENT_SOURCES = frozenset({"import"})
 BatchParser = Callable[[list[bytes]], list[ParsedMail | Rejection]]
 
 
@@ -220,8 +221,10 @@ class Pipeline:
             else:
                 plan = rules.decide(mail, kind, found, rcpts, self.p.rules, now)
                 result = self.records.apply(inbound_id, mail, kind, found, plan, now)
-            # Same transaction: a notification exists exactly when its cause does.
-            self.notifier.queue(result.happened, now)
+            # Same transaction: a notification exists exactly when its cause does. Imported
+            # history is recorded silently: nobody wants acknowledgements for last year's mail.
+            if row["source"] not in SILENT_SOURCES:
+                self.notifier.queue(result.happened, now)
         log.info(
             "inbound %d %s %s via %s: %s",
             inbound_id,

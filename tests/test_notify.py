@@ -400,3 +400,15 @@ def test_an_override_replaces_one_template_file(
     assert b"Hello from our desk: ECR-000001" in body
     assert b"Thank you for your mail" in body  # the HTML part is still ours
     app.close()
+
+
+def test_imported_history_sends_no_mail(napp: App, sender: Sender, relay: Relay,
+                                        tmp_path: Path) -> None:
+    from gateway.inbound import files
+
+    folder = tmp_path / "old"
+    folder.mkdir()
+    (folder / "a.eml").write_bytes(mail(subject="Old problem"))
+    outcomes = files.run_import(napp.pipeline, folder, lambda n: None, workers=1)
+    assert outcomes["created"] == 1
+    assert sender.run_once() == 0 and relay.captured == []
