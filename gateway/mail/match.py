@@ -82,11 +82,13 @@ Found = tuple[EcrView | None, str]
 def _by_token(
     mail: ParsedMail, rcpt_tos: Sequence[str], look: Lookups, ctx: Context, trace: list[str]
 ) -> Found:
+    tried = False
     for address in _recipients(mail, rcpt_tos):
         local, _, domain = address.rpartition("@")
         base, plus, text = local.partition("+")
         if not plus or base not in ctx.reply_locals or domain != ctx.domain:
             continue
+        tried = True
         try:
             token = tokens.verify(ctx.keys, text, tokens.Purpose.REPLY, ctx.now)
         except tokens.TokenError as exc:
@@ -97,7 +99,8 @@ def _by_token(
             trace.append("token: names no existing ECR")
             continue
         return ecr, look.contact_email(token.contact_id) or ""
-    trace.append("token: no signed reply address")
+    if not tried:  # a rejected token has said why already
+        trace.append("token: no signed reply address")
     return None, ""
 
 

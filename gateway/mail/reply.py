@@ -21,6 +21,9 @@ MOBILE = re.compile(
     r"von meinem \w+ gesendet)\b",
     re.IGNORECASE,
 )
+# A rule line that introduced the quote (Outlook's underscores) and survived the cut: when a
+# footer such as "Get Outlook for iOS" sits directly above it, the library keeps it.
+SEPARATOR = re.compile(r"^\s*(_{5,}|-{5,}|={5,})\s*$")
 ATTRIBUTION = re.compile(
     r"(wrote|schrieb|a écrit|escribió|heeft geschreven|skrev|napisał)\s*:\s*$", re.I
 )
@@ -37,7 +40,7 @@ def new_text(body: str) -> str:
             text = _parser.parse_reply(text) or ""
         except Exception:  # a regex library failure must not lose the mail; keep it whole
             text = text.strip()
-    return _strip_signature(text).strip()
+    return _drop_trailing_separators(_strip_signature(text)).strip()
 
 
 def _shape(text: str) -> str:
@@ -79,3 +82,10 @@ def _strip_signature(text: str) -> str:
             continue
         kept.append(line)
     return "\n".join(kept)
+
+
+def _drop_trailing_separators(text: str) -> str:
+    lines = text.rstrip().split("\n")
+    while lines and (not lines[-1].strip() or SEPARATOR.match(lines[-1])):
+        lines.pop()
+    return "\n".join(lines)

@@ -46,6 +46,13 @@ THANKS_FILLER = {
     "many",
 }
 OUTSTANDING = (Status.ACTIVE, Status.REACTIVATED)
+# A closing line after which a mail holds only its signature block (Outlook has no `-- `).
+VALEDICTION = re.compile(
+    r"^((kind|best|warm|warmest)\s+)?(regards|wishes)\b|"
+    r"^(best|cheers|sincerely|yours( sincerely| faithfully| truly)?|"
+    r"mit freundlichen gr(ü|ue)(ß|ss)en|viele gr(ü|ue)(ß|ss)e|mfg)\W*$",
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True)
@@ -217,8 +224,12 @@ def thanks_only(text: str, phrases: Sequence[str]) -> bool:
     rest = words[len(_words(matched)) :]
     if any(w not in THANKS_FILLER for w in rest):
         return False
-    # What follows the thanks line may only be a sign-off: a few short lines.
-    return len(lines) <= 4 and all(len(_words(line)) <= 4 for line in lines[1:])
+    # What follows the thanks line may only be a sign-off: a few short lines, or a closing
+    # ("Kind regards") and then a signature block of short lines.
+    tail, limit = lines[1:], 3
+    if tail and VALEDICTION.match(tail[0]):
+        tail, limit = tail[1:], 8
+    return len(tail) <= limit and all(len(_words(line)) <= 4 for line in tail)
 
 
 def _words(text: str) -> list[str]:
