@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 SILENT_SOURCES = frozenset({"import"})
+EARLIER_LIMIT = 100  # waiting mails an ingest finishes before its own; recovery does the rest
 BatchParser = Callable[[list[bytes]], list[ParsedMail | Rejection]]
 
 
@@ -124,7 +125,13 @@ class Pipeline:
     # --- 2..5 process --------------------------------------------------------------------------
 
     def ingest(self, envelope: Envelope) -> Result:
+        """Accept, then process: first any mail accepted before this one and left waiting
+        (a crashed ingest), so a reply never overtakes the mail it answers."""
         accepted = self.accept(envelope)
+        for earlier in self.records.waiting(EARLIER_LIMIT):
+            if earlier >= accepted.inbound_id:
+                break
+            self.process(earlier)
         return self.process(accepted.inbound_id)
 
     def process_waiting(
