@@ -316,10 +316,20 @@ def test_role_senders_are_automatic(sender: str) -> None:
 @pytest.mark.parametrize(
     "subject",
     ["Out of Office: Printer", "Automatic reply: [ECR-000001] Printer", "Autoreply: away",
-     "Abwesenheitsnotiz: Drucker", "Réponse automatique : absent", "On annual leave"],
+     "Abwesenheitsnotiz: Drucker", "Réponse automatique : absent",
+     "On annual leave: back on Monday", "Out of office reply"],
 )
 def test_out_of_office_subjects_are_automatic(subject: str) -> None:
     assert kind_of(parsed(subject=subject)) is Kind.AUTOMATIC
+
+
+@pytest.mark.parametrize(
+    "subject",
+    ["Absence recording broken", "Out of office hours cover", "Vacation request system down",
+     "On leave module shows wrong dates"],
+)
+def test_requests_that_merely_start_like_an_out_of_office_are_human(subject: str) -> None:
+    assert kind_of(parsed(subject=subject)) is Kind.HUMAN
 
 
 def test_null_envelope_sender_is_automatic() -> None:
@@ -486,3 +496,18 @@ def test_unknown_keys_are_rejected(tmp_path: Path, toml: str, env: dict[str, str
 def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "missing.toml", {})
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("Thanks\nStill not working", False),
+     ("Thanks\nThe printer is broken again", False),
+     ("Many thanks\nDr A Smith\nPractice Manager", True),
+     ("Thank you\nKind regards\nDr A Smith\nRiverside Practice\nTel 01234 567890", True)],
+)
+def test_a_thanks_line_is_only_thanks_when_what_follows_is_a_signature(text: str,
+                                                                       expected: bool) -> None:
+    from gateway.config import DEFAULT_THANKS
+    from gateway.mail.rules import thanks_only
+
+    assert thanks_only(text, DEFAULT_THANKS) is expected

@@ -13,10 +13,18 @@ from gateway.model import Classification, Kind, ParsedMail
 
 ROLE_LOCALS = ("mailer-daemon", "postmaster", "noreply", "no-reply", "donotreply", "do-not-reply")
 PRECEDENCE = ("bulk", "junk", "list", "auto_reply")
+# Out-of-office subjects. Words that also start real requests ("Absence recording broken",
+# "Out of office hours cover") count only as a label: followed by a colon, or by "reply".
 OUT_OF_OFFICE = re.compile(
-    r"^\s*(out of (the )?office|automatic reply|auto[- ]?reply|autoreply|auto[- ]?response|"
-    r"away from (the )?office|on (annual )?leave|vacation|abwesenheitsnotiz|automatische antwort|"
-    r"r[ée]ponse automatique|absence|afwezig|automatisch antwoord|respuesta autom[aá]tica)\b",
+    r"^\s*(?:"
+    r"(?:automatic reply|auto[- ]?reply|autoreply|auto[- ]?response|abwesenheitsnotiz|"
+    r"automatische antwort|r[ée]ponse automatique|automatisch antwoord|"
+    r"respuesta autom[aá]tica)\b"
+    r"|(?:out of (?:the )?office|away from (?:the )?office|on (?:annual )?leave|vacation|"
+    r"absence|afwezig(?:heid)?)\s*(?:(?:auto)?reply|notice|message|notification)?\s*:"
+    r"|out of (?:the )?office (?:auto)?reply\b"
+    r"|i am (?:currently )?out of (?:the )?office\b"
+    r")",
     re.IGNORECASE,
 )
 

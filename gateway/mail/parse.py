@@ -500,6 +500,11 @@ def message_ids(values: Sequence[object]) -> tuple[str, ...]:
     return tuple(found[:100])
 
 
+# Defects that leave the addr-spec beyond doubt: an obsolete but unambiguous syntax ("Dr. A"
+# unquoted), or an unknown charset in the display name's encoded word.
+HARMLESS_DEFECTS = (email.errors.ObsoleteHeaderDefect, email.errors.CharsetError)
+
+
 def identity(message: Message) -> tuple[Address | None, bool, str]:
     """The single From addr-spec and whether it may be trusted to update an ECR (§2.2).
 
@@ -526,7 +531,7 @@ def identity(message: Message) -> tuple[Address | None, bool, str]:
     addresses = strict.addresses
     if len(addresses) != 1 or len(loose) != 1:
         return sender, False, "From does not hold exactly one address"
-    if any(not isinstance(d, email.errors.ObsoleteHeaderDefect) for d in strict.defects):
+    if any(not isinstance(d, HARMLESS_DEFECTS) for d in strict.defects):
         return sender, False, "From has parse defects"
     sender = Address(addresses[0].addr_spec.casefold(), clean_line(addresses[0].display_name, 200))
     if not _plausible(sender.email):

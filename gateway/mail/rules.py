@@ -229,7 +229,28 @@ def thanks_only(text: str, phrases: Sequence[str]) -> bool:
     tail, limit = lines[1:], 3
     if tail and VALEDICTION.match(tail[0]):
         tail, limit = tail[1:], 8
-    return len(tail) <= limit and all(len(_words(line)) <= 4 for line in tail)
+    return len(tail) <= limit and all(_signature_line(line) for line in tail)
+
+
+# Lower-case words a name, title, practice or address line may hold ("Department of Health").
+NAME_LINKS = {"of", "and", "the", "for", "de", "von", "van", "der", "den", "la", "le", "du"}
+
+
+def _signature_line(line: str) -> bool:
+    """A name, title, practice, phone or address: short, and no lower-case sentence words.
+    "Dr A Smith", "Practice Manager", "Tel 01234 567890" pass; "Still not working" does not."""
+    tokens = line.split()
+    return len(tokens) <= 6 and all(_name_token(t) for t in tokens)
+
+
+def _name_token(token: str) -> bool:
+    word = token.strip(".,;:()|-&")
+    return (
+        not word
+        or word[0].isupper()
+        or word.lower() in NAME_LINKS
+        or any(c.isdigit() or c in "@./" for c in word)
+    )
 
 
 def _words(text: str) -> list[str]:
