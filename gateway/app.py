@@ -145,6 +145,7 @@ def policies(settings: Settings, keys: list[bytes], instance_id: str) -> Policie
             lim.max_mime_depth,
             lim.max_parts,
             float(lim.parse_timeout),
+            tuple(g.reply_languages),
         ),
         own=classify.Own(instance_id, own),
         rules=rules.Policy(

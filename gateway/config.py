@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.mail.reply import known_languages
+
 ENV_PREFIX = "ECR_GATEWAY_"
 CONFIG_ENV = "ECR_GATEWAY_CONFIG"
 
@@ -71,6 +73,9 @@ class GatewaySettings:
     reply_token_days: int = setting(365, "how long a signed reply address stays valid")
     max_attempts: int = setting(3, "processing attempts before a mail is quarantined")
     team_name: str = setting("Support", "how our mails sign off")
+    reply_languages: list[str] = setting(
+        ["en", "de", "fr", "nl"], "languages of the reply headers quote stripping knows"
+    )
 
 
 @dataclass(frozen=True)
@@ -314,6 +319,11 @@ def _validate(s: Settings) -> None:
         ("gateway.ref_prefix", s.gateway.ref_prefix[:1].isalpha(), "must start with a letter"),
         ("outbound.ack_limit_per_hour", s.outbound.ack_limit_per_hour >= 0, "must not be negative"),
         ("outbound.retry_hours", s.outbound.retry_hours >= 0, "must not be negative"),
+        (
+            "gateway.reply_languages",
+            set(s.gateway.reply_languages) <= known_languages(),
+            f"must be some of {', '.join(sorted(known_languages()))}",
+        ),
         (
             "outbound.security",
             s.outbound.security in ("tls", "starttls", "none"),

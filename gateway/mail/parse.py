@@ -82,6 +82,7 @@ class Limits:
     max_mime_depth: int = 50
     max_parts: int = 1000
     parse_timeout: float = 30.0
+    reply_languages: tuple[str, ...] = reply.DEFAULT_LANGUAGES
 
 
 class _Deadline:
@@ -199,7 +200,7 @@ class _ParsedBuilder:
             date=_date(self.message.get("Date")),
             headers=_classify_headers(self.message),
             body=body,
-            new_text=reply.new_text(body),
+            new_text=reply.new_text(body, self.limits.reply_languages),
             attachments=tuple(self.attachments),
             defects=tuple(sorted(set(self.defects))),
             content_type=self.message.get_content_type(),

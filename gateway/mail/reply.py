@@ -8,12 +8,18 @@ an interleaved reply (answers between quoted lines) whole, since any cut would l
 
 from __future__ import annotations
 
+import functools
 import re
 
 from mailparser_reply import EmailReplyParser
+from mailparser_reply.constants import MAIL_LANGUAGES
 
-LANGUAGES = ["en", "de", "fr", "nl", "es", "it", "da", "sv", "pl", "cs"]
-_parser = EmailReplyParser(languages=LANGUAGES)
+# Each language costs one pass of the library's patterns over the text: list only those the
+# practices write in (gateway.reply_languages).
+DEFAULT_LANGUAGES = ("en", "de", "fr", "nl")
+# The library's patterns are slow on long texts; a reply's own words come first, so only this
+# much is searched for where the quote begins (after it, the text is kept whole).
+HEAD = 32 * 1024
 
 SIGNATURE = re.compile(r"^-- ?$")
 MOBILE = re.compile(
@@ -29,18 +35,31 @@ ATTRIBUTION = re.compile(
 )
 
 
-def new_text(body: str) -> str:
+def new_text(body: str, languages: tuple[str, ...] = DEFAULT_LANGUAGES) -> str:
     text = body.replace("\r\n", "\n").replace("\r", "\n")
     if _interleaved(text):
         return text.strip()
-    if _bottom_posted(text):
-        text = _after_quotes(text)
-    else:
-        try:
-            text = _parser.parse_reply(text) or ""
-        except Exception:  # a regex library failure must not lose the mail; keep it whole
-            text = text.strip()
+    text = _after_quotes(text) if _bottom_posted(text) else _top_posted(text, languages)
     return _drop_trailing_separators(_strip_signature(text)).strip()
+
+
+def _top_posted(text: str, languages: tuple[str, ...]) -> str:
+    head = text[:HEAD]
+    try:
+        reply = _parser(languages).parse_reply(head) or ""
+    except Exception:  # a regex library failure must not lose the mail; keep it whole
+        return text.strip()
+    found_quote = len(reply.strip()) < len(head.strip())
+    return reply if found_quote or len(text) <= HEAD else text
+
+
+def known_languages() -> frozenset[str]:
+    return frozenset(MAIL_LANGUAGES)
+
+
+@functools.lru_cache(maxsize=8)
+def _parser(languages: tuple[str, ...]) -> EmailReplyParser:
+    return EmailReplyParser(languages=list(languages))
 
 
 def _shape(text: str) -> str:
