@@ -43,8 +43,48 @@ def new_text(body: str, languages: tuple[str, ...] = DEFAULT_LANGUAGES) -> str:
     return _drop_trailing_separators(_strip_signature(text)).strip()
 
 
+# Anything the library could act on: a quote marker, a rule or a "Header:" line at the start
+# of a line, or an attribution, sign-off or disclaimer word. A text with none of these is
+# returned as it is, without running the library's patterns (most new mails).
+LINE_HINTS = re.compile(r"^(?:\s*>|\s*[-_=*]{4,}|[ *]*[\w ]{1,20}:\s)", re.MULTILINE)
+WORD_HINTS = (
+    "wrote",
+    "schrieb",
+    "crit",
+    "geschreven",
+    "regards",
+    "grüße",
+    "grüsse",
+    "cordialement",
+    "groet",
+    "best,",
+    "thanks,",
+    "thank you,",
+    "all the best",
+    "disclaimer",
+    "confidential",
+    "caution",
+    "warning",
+    "privileged",
+    "sensitive",
+    "important",
+    "sent from",
+    "get outlook",
+    "gesendet",
+    "envoy",
+    "verzonden",
+)
+
+
+def _hints(text: str) -> bool:
+    lower = text.lower()
+    return any(w in lower for w in WORD_HINTS) or bool(LINE_HINTS.search(text))
+
+
 def _top_posted(text: str, languages: tuple[str, ...]) -> str:
     head = text[:HEAD]
+    if not _hints(head):
+        return text
     try:
         reply = _parser(languages).parse_reply(head) or ""
     except Exception:  # a regex library failure must not lose the mail; keep it whole
