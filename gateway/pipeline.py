@@ -294,9 +294,9 @@ class Pipeline:
 
     def recover(self) -> list[Result]:
         """On start: remove half-written temp files, then finish every accepted row."""
-        swept = self.spool.sweep()
+        swept = self.spool.sweep() + self.blobs.sweep()
         if swept:
-            log.info("removed %d temporary spool files left by a crash", swept)
+            log.info("removed %d temporary files left by a crash", swept)
         return self.process_waiting()
 
 

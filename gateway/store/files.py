@@ -82,17 +82,20 @@ class Spool:
         return os.access(self.root, os.W_OK) and os.access(self.tmp, os.W_OK)
 
     def sweep(self) -> int:
-        """Remove temporary files left by processes that are gone; returns how many."""
-        removed = 0
-        for tmp in self.tmp.glob("*.tmp"):
-            pid = tmp.name.partition("-")[0]
-            if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
-                continue
-            if pid.isdigit() and int(pid) == os.getpid():
-                continue
-            tmp.unlink(missing_ok=True)
-            removed += 1
-        return removed
+        return sweep(self.tmp)
+
+
+def sweep(tmp_dir: Path) -> int:
+    """Remove temporary files whose writer is gone (named `<pid>-…`); returns how many.
+    A live writer's file is left alone: an `ingest` may be writing while `serve` starts."""
+    removed = 0
+    for tmp in tmp_dir.glob("*.tmp"):
+        pid = tmp.name.partition("-")[0]
+        if pid.isdigit() and (int(pid) == os.getpid() or _alive(int(pid))):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def _syncfs(path: Path) -> bool:
@@ -144,3 +147,6 @@ class Blobs:
 
     def read(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()
+
+    def sweep(self) -> int:
+        return sweep(self.tmp)
