@@ -172,12 +172,14 @@ class Pipeline:
             if row["state"] != "accepted":
                 return self._existing(row)
             self.records.begin_attempt(inbound_id)
-            raw = self.spool.read(row["spool_path"])
-            result = self._attempt(
-                inbound_id, functools.partial(parse_mod.parse, raw, self.p.limits)
-            )
+            result = self._attempt(inbound_id, functools.partial(self._read, row["spool_path"]))
             if result is not None:
                 return result
+
+    def _read(self, spool_path: str) -> ParsedMail | Rejection:
+        """The raw mail from the spool, parsed; a missing or unreadable file is a failed
+        attempt like any other, so it ends in quarantine instead of stopping the processor."""
+        return parse_mod.parse(self.spool.read(spool_path), self.p.limits)
 
     def _attempt(
         self, inbound_id: int, parse: Callable[[], ParsedMail | Rejection]
