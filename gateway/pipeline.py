@@ -155,9 +155,10 @@ class Pipeline:
             return [self.process(i) for i in ids]
         rows = [self.records.inbound(i) for i in ids]
         todo = [r for r in rows if r is not None and r["state"] == "accepted"]
-        parsed = parse_many([self.spool.read(r["spool_path"]) for r in todo])
-        results = []
-        for row, mail in zip(todo, parsed, strict=True):
+        readable = [r for r in todo if self.spool.exists(r["spool_path"])]
+        parsed = parse_many([self.spool.read(r["spool_path"]) for r in readable])
+        results = [self.process(r["id"]) for r in todo if r not in readable]  # their failure
+        for row, mail in zip(readable, parsed, strict=True):
             self.records.begin_attempt(row["id"])
             done = self._attempt(row["id"], functools.partial(_given, mail))
             results.append(done or self.process(row["id"]))

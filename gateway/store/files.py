@@ -78,6 +78,9 @@ class Spool:
     def read(self, name: str) -> bytes:
         return (self.root / name).read_bytes()
 
+    def exists(self, name: str) -> bool:
+        return (self.root / name).is_file()
+
     def writable(self) -> bool:
         return os.access(self.root, os.W_OK) and os.access(self.tmp, os.W_OK)
 
