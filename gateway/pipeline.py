@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 SILENT_SOURCES = frozenset({"import"})
+# Starts of processing that never recorded an ending (the process died: out of memory, a
+# kill) before the mail is quarantined. Higher than gateway.max_attempts, which counts
+# recorded failures: an operator's restarts must not use up a healthy mail's chances.
+INTERRUPTED_LIMIT = 10
 EARLIER_LIMIT = 100  # waiting mails an ingest finishes before its own; recovery does the rest
 BatchParser = Callable[[list[bytes]], list[ParsedMail | Rejection]]
 
@@ -125,14 +129,16 @@ class Pipeline:
     # --- 2..5 process --------------------------------------------------------------------------
 
     def ingest(self, envelope: Envelope) -> Result:
-        """Accept, then process: first any mail accepted before this one and left waiting
-        (a crashed ingest), so a reply never overtakes the mail it answers."""
-        accepted = self.accept(envelope)
-        for earlier in self.records.waiting(EARLIER_LIMIT):
-            if earlier >= accepted.inbound_id:
-                break
-            self.process(earlier)
+        return self.finish(self.accept(envelope))
+
+    def finish(self, accepted: Accepted) -> Result:
+        """Process an accepted mail: first any mail accepted before it and left waiting (a
+        crashed ingest), so a reply never overtakes the mail it answers."""
+        self.process_many(self.earlier_than(accepted.inbound_id))
         return self.process(accepted.inbound_id)
+
+    def earlier_than(self, inbound_id: int) -> list[int]:
+        return [i for i in self.records.waiting(EARLIER_LIMIT) if i < inbound_id]
 
     def process_waiting(
         self,
@@ -155,11 +161,16 @@ class Pipeline:
             return [self.process(i) for i in ids]
         rows = [self.records.inbound(i) for i in ids]
         todo = [r for r in rows if r is not None and r["state"] == "accepted"]
-        readable = [r for r in todo if self.spool.exists(r["spool_path"])]
-        parsed = parse_many([self.spool.read(r["spool_path"]) for r in readable])
+        readable = [
+            r
+            for r in todo
+            if self.spool.exists(r["spool_path"]) and r["attempts"] < INTERRUPTED_LIMIT
+        ]
         results = [self.process(r["id"]) for r in todo if r not in readable]  # their failure
-        for row, mail in zip(readable, parsed, strict=True):
+        for row in readable:  # counted first: a mail that kills a parser still runs out
             self.records.begin_attempt(row["id"])
+        parsed = parse_many([self.spool.read(r["spool_path"]) for r in readable])
+        for row, mail in zip(readable, parsed, strict=True):
             done = self._attempt(row["id"], functools.partial(_given, mail))
             results.append(done or self.process(row["id"]))
         return results
@@ -172,6 +183,8 @@ class Pipeline:
                 raise LookupError(f"no inbound row {inbound_id}")
             if row["state"] != "accepted":
                 return self._existing(row)
+            if row["attempts"] >= INTERRUPTED_LIMIT:
+                return self._interrupted(inbound_id, row["attempts"])
             self.records.begin_attempt(inbound_id)
             result = self._attempt(inbound_id, functools.partial(self._read, row["spool_path"]))
             if result is not None:
@@ -285,6 +298,14 @@ class Pipeline:
         return (
             Result(inbound_id, Outcome.QUARANTINED, reason=f"failed at {step}") if final else None
         )
+
+    def _interrupted(self, inbound_id: int, attempts: int) -> Result:
+        """A mail whose attempts never recorded an ending took the process down with it (out
+        of memory, a kill): it must not take every later start down too."""
+        reason = f"processing was interrupted {attempts} times"
+        self.records.quarantine(inbound_id, reason, step="process")
+        log.warning("inbound %d quarantined: %s", inbound_id, reason)
+        return Result(inbound_id, Outcome.QUARANTINED, reason=reason)
 
     def _existing(self, row: dict[str, object]) -> Result:
         outcome = Outcome(str(row["outcome"])) if row["outcome"] else Outcome.QUARANTINED

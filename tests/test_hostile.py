@@ -374,3 +374,14 @@ def test_cli_bad_config_value_is_one_line_naming_the_key(
     assert len(lines) == 1
     assert key in lines[0]
     assert "Traceback" not in proc.stderr.decode()
+
+
+def test_a_mail_that_kept_killing_the_process_is_quarantined_not_retried(app: App) -> None:
+    """Attempts are counted before the work: ten starts that died on this mail (each left
+    attempts incremented and no ending) mean the eleventh does not try again."""
+    accepted = app.pipeline.accept(Envelope(mail(), "ingest", "", ("support@localhost",)))
+    app.db.execute("UPDATE inbound SET attempts = 10 WHERE id = ?", [accepted.inbound_id])
+    result = app.pipeline.process(accepted.inbound_id)
+    assert result.outcome == "quarantined" and "interrupted 10 times" in result.reason
+    assert app.db.value("SELECT COUNT(*) FROM ecrs") == 0
+    assert app.records.inbound(accepted.inbound_id)["state"] == "quarantined"  # type: ignore[index]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import mailbox
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -32,7 +33,7 @@ def envelopes(path: Path, source: str = "import") -> Iterator[Envelope]:
 def _raws(path: Path) -> Iterator[bytes]:
     if path.is_dir() and all((path / d).is_dir() for d in ("cur", "new", "tmp")):
         box = mailbox.Maildir(str(path), create=False)
-        for key in sorted(box.iterkeys()):
+        for key in sorted(box.iterkeys(), key=_delivery_order):
             yield box.get_bytes(key)
     elif path.is_dir():
         for file in sorted(path.rglob("*.eml")):
@@ -45,6 +46,16 @@ def _raws(path: Path) -> Iterator[bytes]:
         yield path.read_bytes()
     else:
         raise SourceError(f"{path}: no such file or directory")
+
+
+def _delivery_order(key: str) -> tuple[int, int, str]:
+    """Maildir names start `<seconds>.M<microseconds>P…` with unpadded microseconds, so as
+    strings M99999 sorts after M100000: order by the numbers, then the name."""
+    seconds, _, rest = key.partition(".")
+    micro = re.match(r"M(\d+)", rest)
+    if seconds.isdigit():
+        return int(seconds), int(micro.group(1)) if micro else 0, key
+    return 0, 0, key
 
 
 def _looks_like_mbox(path: Path) -> bool:
@@ -71,6 +82,8 @@ def run_import(
             accepted = pipeline.accept_many(chunk)
             fresh = [a.inbound_id for a in accepted if a.duplicate_of is None]
             outcomes["duplicate"] += len(accepted) - len(fresh)
+            # Mail a crash left waiting goes first: a reply must not overtake its parent.
+            pipeline.process_many(pipeline.earlier_than(min(fresh, default=0)), parse_many)
             for result in pipeline.process_many(fresh, parse_many):
                 outcomes[str(result.outcome)] += 1
             on_progress(len(chunk))

@@ -34,8 +34,17 @@ logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 # Commands one session may send. An MTA reuses a connection for many mails, so the mail
 # commands get a large budget; the session deadline bounds the rest.
-CALL_LIMITS = {"*": 5000, "NOOP": 50, "VRFY": 5, "EXPN": 5, "HELP": 10, "EHLO": 10, "HELO": 10,
-               "STARTTLS": 2, "AUTH": 0}
+CALL_LIMITS = {
+    "*": 5000,
+    "NOOP": 50,
+    "VRFY": 5,
+    "EXPN": 5,
+    "HELP": 10,
+    "EHLO": 10,
+    "HELO": 10,
+    "STARTTLS": 2,
+    "AUTH": 0,
+}
 
 
 @dataclass(frozen=True)
