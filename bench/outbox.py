@@ -61,11 +61,8 @@ def seed(app: App) -> list[int]:
 
 
 def ours(app: App, ids: list[int], sink: Sink) -> tuple[float, float]:
-    """(end to end: status change + render + queue + deliver, delivery of queued rows) msgs/s.
-
-    We render when an event is queued (so a resend after a crash is byte-identical), so the
-    honest "render included" figure is the end-to-end one.
-    """
+    """(end to end: status change + queue + render + deliver, render + delivery of queued
+    rows) msgs/s. Mails are rendered by the sender, so the second figure includes rendering."""
     start = time.perf_counter()
     for ecr_id in ids:
         app.staff.set_status(ecr_id, Status.PENDING, "Please send the error log", "staff:bench")
@@ -80,13 +77,14 @@ def ours(app: App, ids: list[int], sink: Sink) -> tuple[float, float]:
 
 def baseline(app: App, port: int, sink: Sink) -> float:
     rows = app.db.rows(
-        "SELECT envelope_from, recipient, raw FROM outbox WHERE template = 'pending'"
+        "SELECT envelope_from, recipient, spec FROM outbox WHERE template = 'pending'"
     )
+    mails = [(r["envelope_from"], r["recipient"], app.notifier.message(r["spec"])) for r in rows]
     sink.count = 0
     start = time.perf_counter()
     with smtplib.SMTP("127.0.0.1", port) as conn:
-        for r in rows:
-            conn.sendmail(r["envelope_from"], [r["recipient"]], r["raw"])
+        for envelope_from, recipient, raw in mails:  # the same mails, rendered beforehand
+            conn.sendmail(envelope_from, [recipient], raw)
     elapsed = time.perf_counter() - start
     assert sink.count == N, sink.count
     return N / elapsed
@@ -108,7 +106,7 @@ def main() -> None:
     print(f"{'benchmark':<48}{'figure':>10}{'baseline':>10}{'ratio':>8}{'target':>8}")
     for what, rate in (
         ("outbox: status+render+queue+deliver, msgs/s", total),
-        ("outbox: delivery of queued rows, msgs/s", delivery),
+        ("outbox: render+deliver queued rows, msgs/s", delivery),
     ):
         print(f"{what:<48}{rate:>10.0f}{base:>10.0f}{rate / base:>8.2f}{'>=0.70':>8}")
 

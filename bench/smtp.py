@@ -53,21 +53,33 @@ BASELINE = textwrap.dedent("""
 
 
 def make_mail(n: int, size: int) -> bytes:
-    head = (f"From: Dr {n % 97} <gp{n % 97}@practice{n % 13}.example>\r\nTo: support@localhost\r\n"
-            f"Subject: Problem {n}\r\nMessage-ID: <bench-{size}-{n}-{time.time_ns()}@b.example>"
-            "\r\n\r\n")
+    head = (
+        f"From: Dr {n % 97} <gp{n % 97}@practice{n % 13}.example>\r\nTo: support@localhost\r\n"
+        f"Subject: Problem {n}\r\nMessage-ID: <bench-{size}-{n}-{time.time_ns()}@b.example>"
+        "\r\n\r\n"
+    )
     line = b"The practice system shows an error when printing labels. " * 1 + b"\r\n"
     body = line * max(1, (size - len(head)) // len(line))
     return head.encode() + body
 
 
 def start_gateway(data: Path) -> tuple[subprocess.Popen[str], int]:
-    env = {**os.environ, "ECR_GATEWAY_GATEWAY__DATA_DIR": str(data), "ECR_GATEWAY_SMTP__PORT": "0",
-           "ECR_GATEWAY_HTTP__ENABLED": "false",
-           "ECR_GATEWAY_SMTP__MAX_CONNECTIONS_PER_PEER": "100",
-           "ECR_GATEWAY_OUTBOUND__ACK_LIMIT_PER_HOUR": "1000000"}
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=env, text=True,
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=ROOT)
+    env = {
+        **os.environ,
+        "ECR_GATEWAY_GATEWAY__DATA_DIR": str(data),
+        "ECR_GATEWAY_SMTP__PORT": "0",
+        "ECR_GATEWAY_HTTP__ENABLED": "false",
+        "ECR_GATEWAY_SMTP__MAX_CONNECTIONS_PER_PEER": "100",
+        "ECR_GATEWAY_OUTBOUND__ACK_LIMIT_PER_HOUR": "1000000",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve"],
+        env=env,
+        text=True,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
     assert proc.stderr
     for line in proc.stderr:
         if m := re.search(r"SMTP on [\d.]+:(\d+)", line):
@@ -77,8 +89,9 @@ def start_gateway(data: Path) -> tuple[subprocess.Popen[str], int]:
 
 
 def start_baseline(mode: str, spool: Path) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen([sys.executable, "-c", BASELINE, mode, str(spool)], text=True,
-                            stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BASELINE, mode, str(spool)], text=True, stdout=subprocess.PIPE
+    )
     assert proc.stdout
     return proc, int(proc.stdout.readline())
 
@@ -159,8 +172,12 @@ def main() -> None:
             data = root / f"data-{size}"
             ours = measure(lambda d=data: start_gateway(d), mails)  # type: ignore[misc]
             label = f"{size // 1024} KB"
-            row(f"serve, {label}, msgs/s vs bare 250", ours, bare,
-                ">=0.6" if size == 2048 else ">=0.8")
+            row(
+                f"serve, {label}, msgs/s vs bare 250",
+                ours,
+                bare,
+                ">=0.6" if size == 2048 else ">=0.8",
+            )
             if size == 2048:
                 row(f"serve, {label}, msgs/s vs write+fsync", ours, synced, ">=2.0")
         proc, port = start_gateway(root / "data-latency")
@@ -171,7 +188,9 @@ def main() -> None:
             proc.wait(30)
         p50, p99 = lat[len(lat) // 2] * 1000, lat[int(len(lat) * 0.99) - 1] * 1000
         print(f"{'end of DATA -> 250 at 100 msgs/s, p50 ms':<46}{p50:>10.2f}")
-        print(f"{'end of DATA -> 250 at 100 msgs/s, p99 ms':<46}{p99:>10.2f}{'':>21}{'<=10 ms':>14}")
+        print(
+            f"{'end of DATA -> 250 at 100 msgs/s, p99 ms':<46}{p99:>10.2f}{'':>21}{'<=10 ms':>14}"
+        )
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ class App:
         else:
             transport = MaildirSink(self.settings.data_dir / "sent")
         db = Database(self.settings.data_dir / "gateway.db")
-        return Sender(Outbox(db), transport, self.clock, o.retry_hours)
+        return Sender(Outbox(db), transport, self.clock, o.retry_hours, self.notifier.message)
 
 
 def build_app(

@@ -192,7 +192,7 @@ def test_a_crash_after_the_relay_accepted_sends_at_most_one_duplicate(
         settings = load_settings(None, {{"ECR_GATEWAY_GATEWAY__DATA_DIR": {str(data_dir)!r}}})
         app = build_app(settings)
         relay = DieAfterSend(RelayConfig("127.0.0.1", {relay.port}, "none"))
-        Sender(app.outbox, relay, app.clock, 72).run_once()
+        Sender(app.outbox, relay, app.clock, 72, app.notifier.message).run_once()
     """)
     child = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
     assert child.returncode == -9, child.stderr.decode()

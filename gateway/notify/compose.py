@@ -6,8 +6,10 @@ mail is ever concatenated into a header line, and CR, LF and NUL are removed fir
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
+import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +21,7 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import SMTPUTF8, compat32
 from email.utils import format_datetime, formataddr
+from typing import Any
 
 from gateway.mail.parse import clean_line
 from gateway.model import Address
@@ -47,6 +50,26 @@ class Headers:
 
 
 TAG = re.compile(r"\[\s*([^\[\]]{1,40}?)\s*\]\s*")
+
+
+def write_spec(template: str, context: dict[str, Any], h: Headers) -> str:
+    fields = {**dataclasses.asdict(h), "to": [h.to.email, h.to.name], "date": h.date.isoformat()}
+    return json.dumps({"template": template, "context": context, "headers": fields})
+
+
+def read_spec(text: str) -> tuple[str, dict[str, Any], Headers]:
+    spec = json.loads(text)
+    fields = spec["headers"]
+    email, name = fields.pop("to")
+    headers = Headers(
+        **{
+            **fields,
+            "to": Address(email, name),
+            "references": tuple(fields["references"]),
+            "date": datetime.fromisoformat(fields["date"]),
+        }
+    )
+    return spec["template"], spec["context"], headers
 
 
 def tagged_subject(ref: str, subject: str) -> str:

@@ -119,10 +119,16 @@ class Notifier:
             instance_id=self.me.instance_id,
             date=now,
         )
-        body = self.renderer.render(p.template, self._context(h, p, audience, contact, now))
-        raw = compose.build(headers, body)
-        row = Queued(h.key, p.to.email, p.template, h.ecr_id, mid, self.me.bounce_address, raw)
+        context = self._context(h, p, audience, contact, now)
+        spec = compose.write_spec(p.template, context, headers)
+        row = Queued(h.key, p.to.email, p.template, h.ecr_id, mid, self.me.bounce_address, spec)
         return int(self.outbox.queue(row, now))
+
+    def message(self, spec: str) -> bytes:
+        """An outbox row's mail, rendered when it is sent: everything that varies (ids,
+        tokens, the date) was fixed when it was queued, so a resend is the same mail."""
+        template, context, headers = compose.read_spec(spec)
+        return compose.build(headers, self.renderer.render(template, context))
 
     def _reply_to(self, ecr_id: int, contact_id: int, now: datetime) -> str:
         if not contact_id:

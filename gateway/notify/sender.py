@@ -23,12 +23,18 @@ log = logging.getLogger(__name__)
 
 class Sender:
     def __init__(
-        self, outbox: Outbox, transport: Transport, clock: Callable[[], datetime], retry_hours: int
+        self,
+        outbox: Outbox,
+        transport: Transport,
+        clock: Callable[[], datetime],
+        retry_hours: int,
+        message: Callable[[str], bytes],
     ) -> None:
         self.outbox = outbox
         self.transport = transport
         self.clock = clock
         self.give_up_after = timedelta(hours=retry_hours)
+        self.message = message  # an outbox row's spec -> the mail's bytes
 
     def run_once(self, limit: int = 100) -> int:
         """Send what is due now; returns how many were delivered."""
@@ -53,7 +59,13 @@ class Sender:
     def _deliver(self, row: Row) -> int:
         outbox_id = int(row["id"])
         try:
-            self.transport.send(row["envelope_from"], row["recipient"], bytes(row["raw"]))
+            raw = self.message(row["spec"])
+        except Exception as exc:  # a template that broke after the start-up check
+            self.outbox.failed(outbox_id, f"cannot be rendered: {type(exc).__name__}", self.clock())
+            log.error("outbox %d cannot be rendered: %s", outbox_id, type(exc).__name__)
+            return 0
+        try:
+            self.transport.send(row["envelope_from"], row["recipient"], raw)
         except PermFail as exc:
             self.outbox.failed(outbox_id, str(exc), self.clock())
             log.warning("outbox %d to %s refused for good: %s", outbox_id, row["recipient"], exc)

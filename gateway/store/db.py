@@ -170,7 +170,7 @@ def _m3_outbox(d: Database) -> None:
     d.execute("""CREATE TABLE outbox (
         id INTEGER PRIMARY KEY, event_key TEXT NOT NULL, recipient TEXT NOT NULL,
         template TEXT NOT NULL, ecr_id INTEGER REFERENCES ecrs(id), message_id TEXT NOT NULL,
-        envelope_from TEXT NOT NULL, raw BLOB NOT NULL, state TEXT NOT NULL DEFAULT 'queued',
+        envelope_from TEXT NOT NULL, spec TEXT NOT NULL, state TEXT NOT NULL DEFAULT 'queued',
         attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at TEXT NOT NULL,
         last_error TEXT, created_at TEXT NOT NULL, sent_at TEXT,
         UNIQUE (event_key, recipient))""")

@@ -40,7 +40,7 @@ class Queued:
     ecr_id: int | None
     message_id: str
     envelope_from: str
-    raw: bytes
+    spec: str  # what the sender renders: template, context and headers, as JSON
 
 
 class Outbox:
@@ -122,7 +122,7 @@ class Outbox:
     def queue(self, q: Queued, now: datetime) -> bool:
         cur = self.db.execute(
             "INSERT OR IGNORE INTO outbox (event_key, recipient, template, ecr_id, message_id, "
-            "envelope_from, raw, next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "envelope_from, spec, next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 q.event_key,
                 q.recipient,
@@ -130,7 +130,7 @@ class Outbox:
                 q.ecr_id,
                 q.message_id,
                 q.envelope_from,
-                q.raw,
+                q.spec,
                 iso(now),
                 iso(now),
             ],
@@ -151,7 +151,7 @@ class Outbox:
 
     def due(self, now: datetime, limit: int = 100) -> list[Row]:
         return self.db.rows(
-            "SELECT id, recipient, envelope_from, raw, attempts, created_at, ecr_id, message_id "
+            "SELECT id, recipient, envelope_from, spec, attempts, created_at, ecr_id, message_id "
             "FROM outbox WHERE state = 'queued' AND next_attempt_at <= ? ORDER BY id LIMIT ?",
             [iso(now), limit],
         )
