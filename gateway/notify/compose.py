@@ -93,7 +93,9 @@ def build(h: Headers, body: Rendered) -> bytes:
     is kept for the rare Unicode address that needs SMTPUTF8."""
     if not h.to.email.isascii():
         return _build_utf8(h, body)
-    msg = MIMEMultipart("alternative")
+    # Our own boundary: "=_" never occurs in quoted-printable parts, and the library's search
+    # for a safe random one compiles a regular expression for every mail.
+    msg = MIMEMultipart("alternative", boundary=f"=_ecr_{h.message_id.partition('@')[0]}")
     for name, value in _header_values(h):
         msg[name] = value
     msg["To"] = formataddr((clean_line(h.to.name, 200), h.to.email), charset="utf-8")
