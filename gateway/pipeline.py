@@ -44,7 +44,7 @@ SILENT_SOURCES = frozenset({"import"})
 # recorded failures: an operator's restarts must not use up a healthy mail's chances.
 INTERRUPTED_LIMIT = 10
 EARLIER_LIMIT = 100  # waiting mails an ingest finishes before its own; recovery does the rest
-BatchParser = Callable[[list[bytes]], list[ParsedMail | Rejection]]
+Parsed = Callable[[int], ParsedMail | Rejection]  # inbound id -> its mail, parsed elsewhere
 
 
 @dataclass(frozen=True)
@@ -141,38 +141,29 @@ class Pipeline:
         return [i for i in self.records.waiting(EARLIER_LIMIT) if i < inbound_id]
 
     def process_waiting(
-        self,
-        parse_many: BatchParser | None = None,
-        batch: int = 256,
-        stop: Callable[[], bool] = lambda: False,
+        self, batch: int = 256, stop: Callable[[], bool] = lambda: False
     ) -> list[Result]:
         """Every accepted, unprocessed row (start-up recovery, replay, the service's spool
         processor), batch by batch; `stop` is asked between batches for a clean shutdown."""
         results: list[Result] = []
         while not stop() and (ids := self.records.waiting(batch)):
-            results += self.process_many(ids, parse_many)
+            results += self.process_many(ids)
         return results
 
-    def process_many(
-        self, ids: Sequence[int], parse_many: BatchParser | None = None
-    ) -> list[Result]:
-        """Rows in order; `parse_many` may parse their bytes elsewhere (on other cores)."""
-        if parse_many is None:
+    def process_many(self, ids: Sequence[int], parsed: Parsed | None = None) -> list[Result]:
+        """Rows in order; `parsed(inbound_id)` may hand over a mail parsed elsewhere (on
+        another core); without it, or when it fails, the row is parsed here."""
+        if parsed is None:
             return [self.process(i) for i in ids]
-        rows = [self.records.inbound(i) for i in ids]
-        todo = [r for r in rows if r is not None and r["state"] == "accepted"]
-        readable = [
-            r
-            for r in todo
-            if self.spool.exists(r["spool_path"]) and r["attempts"] < INTERRUPTED_LIMIT
-        ]
-        results = [self.process(r["id"]) for r in todo if r not in readable]  # their failure
-        for row in readable:  # counted first: a mail that kills a parser still runs out
-            self.records.begin_attempt(row["id"])
-        parsed = parse_many([self.spool.read(r["spool_path"]) for r in readable])
-        for row, mail in zip(readable, parsed, strict=True):
-            done = self._attempt(row["id"], functools.partial(_given, mail))
-            results.append(done or self.process(row["id"]))
+        results = []
+        for inbound_id in ids:
+            row = self.records.inbound(inbound_id)
+            if row is None or row["state"] != "accepted" or row["attempts"] >= INTERRUPTED_LIMIT:
+                results.append(self.process(inbound_id))
+                continue
+            self.records.begin_attempt(inbound_id)
+            done = self._attempt(inbound_id, functools.partial(parsed, inbound_id))
+            results.append(done or self.process(inbound_id))
         return results
 
     def process(self, inbound_id: int) -> Result:
@@ -326,10 +317,6 @@ class Pipeline:
 
 def _outcome(kind: Classification) -> Outcome:
     return Outcome.LOOP if kind.kind is Kind.LOOP else Outcome.AUTOMATIC
-
-
-def _given(mail: ParsedMail | Rejection) -> ParsedMail | Rejection:
-    return mail
 
 
 def sniff_message_id(raw: bytes) -> str:

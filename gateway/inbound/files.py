@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import mailbox
 import os
 import re
@@ -13,8 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from gateway.mail import parse
-from gateway.model import Envelope
-from gateway.pipeline import BatchParser, Pipeline
+from gateway.model import Envelope, ParsedMail, Rejection
+from gateway.pipeline import Pipeline
+from gateway.store.records import Accepted
 
 
 class SourceError(Exception):
@@ -70,34 +70,72 @@ def run_import(
     batch: int = 200,
     workers: int | None = None,
 ) -> Counter[str]:
-    """Accept in batches (one commit and shared fsyncs each), then process, parsing on every core.
+    """Accept in batches (one commit and shared fsyncs each), parse on every core, apply in
+    order. Batch N is parsed by the pool while batch N-1 is applied, so the cores overlap.
 
     Each batch is accepted before any of it is processed, so a crash mid-import loses nothing
     that was counted, and importing the same file again only records duplicates.
     """
     outcomes: Counter[str] = Counter()
     workers = workers if workers is not None else (os.cpu_count() or 1)
-    with _parser(pipeline, workers) as parse_many:
+    with _pool(workers) as pool:
+        behind: _Parsing | None = None
         for chunk in _chunks(envelopes(path), batch):
             accepted = pipeline.accept_many(chunk)
-            fresh = [a.inbound_id for a in accepted if a.duplicate_of is None]
-            outcomes["duplicate"] += len(accepted) - len(fresh)
-            # Mail a crash left waiting goes first: a reply must not overtake its parent.
-            pipeline.process_many(pipeline.earlier_than(min(fresh, default=0)), parse_many)
-            for result in pipeline.process_many(fresh, parse_many):
-                outcomes[str(result.outcome)] += 1
-            on_progress(len(chunk))
+            outcomes["duplicate"] += sum(1 for a in accepted if a.duplicate_of is not None)
+            ahead = _Parsing(pipeline, pool, accepted, chunk)
+            if behind:
+                behind.apply(outcomes)
+                on_progress(behind.size)
+            else:  # mail a crash left waiting goes first: no reply overtakes its parent
+                first = min(ahead.ids, default=0)
+                pipeline.process_many(pipeline.earlier_than(first))
+            behind = ahead
+        if behind:
+            behind.apply(outcomes)
+            on_progress(behind.size)
     return outcomes
 
 
+class _Parsing:
+    """One accepted batch whose new mails are being parsed by the pool (or here)."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        pool: ProcessPoolExecutor | None,
+        accepted: list[Accepted],
+        chunk: list[Envelope],
+    ) -> None:
+        self.pipeline = pipeline
+        self.size = len(chunk)
+        fresh = [
+            (a.inbound_id, e.raw)
+            for a, e in zip(accepted, chunk, strict=True)
+            if a.duplicate_of is None
+        ]
+        self.ids = [i for i, _ in fresh]
+        limits = pipeline.p.limits
+        self.futures = (
+            {i: pool.submit(parse.parse, raw, limits) for i, raw in fresh} if pool else {}
+        )
+
+    def apply(self, outcomes: Counter[str]) -> None:
+        parsed = self._parsed if self.futures else None
+        for result in self.pipeline.process_many(self.ids, parsed):
+            outcomes[str(result.outcome)] += 1
+
+    def _parsed(self, inbound_id: int) -> ParsedMail | Rejection:
+        return self.futures[inbound_id].result()
+
+
 @contextmanager
-def _parser(pipeline: Pipeline, workers: int) -> Iterator[BatchParser | None]:
+def _pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
     if workers <= 1:
         yield None
         return
-    parse_one = functools.partial(parse.parse, limits=pipeline.p.limits)
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        yield lambda raws: list(pool.map(parse_one, raws, chunksize=8))
+        yield pool
 
 
 def _chunks(items: Iterator[Envelope], size: int) -> Iterator[list[Envelope]]:
