@@ -114,11 +114,10 @@ class Records:
             )
         ]
 
-    def begin_attempt(self, inbound_id: int) -> int:
-        """Counted before the work, so a mail that kills the process still reaches quarantine."""
-        with self.db.write():
-            self.db.execute("UPDATE inbound SET attempts = attempts + 1 WHERE id = ?", [inbound_id])
-            return int(self.db.value("SELECT attempts FROM inbound WHERE id = ?", [inbound_id]))
+    def begin_attempt(self, inbound_id: int) -> None:
+        """Counted before the work, so a mail that kills the process still reaches quarantine.
+        One statement: in autocommit mode it is its own transaction."""
+        self.db.execute("UPDATE inbound SET attempts = attempts + 1 WHERE id = ?", [inbound_id])
 
     def fail(self, inbound_id: int, step: str, error: str, quarantine: bool) -> None:
         with self.db.write():
