@@ -15,6 +15,7 @@ import os
 import signal
 import ssl
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -52,7 +53,7 @@ class Worker:
             target=_worker_main,
             name="ecr-worker",
             daemon=True,
-            args=(settings, dict(environ), self.stop, self.wake),
+            args=(settings, dict(environ), self.stop, self.wake, os.getpid()),
         )
 
     def start(self) -> Worker:
@@ -69,9 +70,10 @@ class Worker:
 
 
 def _worker_main(
-    settings: Settings, environ: dict[str, str], stop: EventLike, wake: EventLike
+    settings: Settings, environ: dict[str, str], stop: EventLike, wake: EventLike, parent: int
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    _die_with(parent, stop, wake)  # the pid from the parent: it may be gone already
     # Acceptance is what senders wait for; processing has the spool to queue in. Under load
     # the listeners' process gets the CPU first.
     os.nice(5)
@@ -179,6 +181,22 @@ def _tls(cert: str, key: str) -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as exc:
         raise ServiceError(f"smtp.tls_cert/tls_key cannot be loaded: {exc}") from None
     return context
+
+
+def _die_with(parent: int, stop: EventLike, wake: EventLike) -> None:
+    """A `serve` killed with SIGKILL cannot stop its worker: the worker watches for that and
+    stops itself (mid-transaction is safe: SQLite rolls back), so no orphan keeps working."""
+
+    def watch() -> None:
+        while not stop.is_set():
+            if os.getppid() != parent:
+                log.warning("serve is gone; worker stopping")
+                stop.set()
+                wake.set()
+                return
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _process(make: Callable[[], App], stop: EventLike, wake: EventLike) -> None:

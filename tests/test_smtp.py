@@ -186,3 +186,18 @@ def _read_until_closed(s: socket.socket) -> bytes:
     except OSError:
         pass
     return data
+
+
+def test_a_killed_serve_leaves_no_worker_behind(data_dir: Path) -> None:
+    s = Served(data_dir, LIMITS).start()
+    assert s.proc is not None
+    children = Path(f"/proc/{s.proc.pid}/task/{s.proc.pid}/children")
+    workers = [int(p) for p in children.read_text().split()] if children.exists() else []
+    assert workers, "serve runs its worker in a child process"
+    s.kill()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(Path(f"/proc/{w}").exists() for w in workers):
+        time.sleep(0.1)
+    alive = [w for w in workers if Path(f"/proc/{w}").exists()
+             and "Z" not in Path(f"/proc/{w}/stat").read_text().split()[2]]
+    assert not alive, f"orphaned worker processes: {alive}"
