@@ -76,7 +76,7 @@ def _worker_main(
     _die_with(parent, stop, wake)  # the pid from the parent: it may be gone already
     # Acceptance is what senders wait for; processing has the spool to queue in. Under load
     # the listeners' process gets the CPU first.
-    os.nice(5)
+    os.nice(10)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
