@@ -97,21 +97,28 @@ class Pipeline:
     def accept_many(self, envelopes: Sequence[Envelope]) -> list[Accepted]:
         """Raw bytes durably in the spool, then the rows in one durable commit; only then may a
         transport acknowledge. Several envelopes share their fsyncs and their commit."""
-        arrivals = [self._spool(e, sync=len(envelopes) == 1) for e in envelopes]
-        if len(envelopes) > 1:
+        arrivals = [self.arrive(e, sync=len(envelopes) == 1) for e in envelopes]
+        return self.commit_arrivals(arrivals, synced=len(envelopes) == 1)
+
+    def commit_arrivals(self, arrivals: Sequence[Arrival], synced: bool = False) -> list[Accepted]:
+        """The second half of accepting: the spool files made durable (one sync for all of
+        them, unless `synced`), then their rows in one durable commit."""
+        if not synced:
             self.spool.sync([a.spool_name for a in arrivals])
         accepted = self.records.accept(arrivals)
-        for a, env in zip(accepted, envelopes, strict=True):
+        for a, arrival in zip(accepted, arrivals, strict=True):
             log.info(
                 "inbound %d accepted from %s, %d bytes%s",
                 a.inbound_id,
-                env.source,
-                len(env.raw),
+                arrival.source,
+                arrival.size,
                 f", duplicate of {a.duplicate_of}" if a.duplicate_of else "",
             )
         return accepted
 
-    def _spool(self, envelope: Envelope, sync: bool) -> Arrival:
+    def arrive(self, envelope: Envelope, sync: bool = False) -> Arrival:
+        """The first half of accepting: the raw mail written to the spool. Touches files
+        only, never the database, so transports may call it from any thread, in parallel."""
         name = self.spool.new_name()
         self.spool.write(name, envelope.raw, sync=sync)
         message_id = sniff_message_id(envelope.raw)

@@ -144,7 +144,8 @@ async def _listen(
 ) -> Listeners:
     out = Listeners()
     if settings.smtp.enabled:
-        out.acceptor = smtp.Acceptor(lambda: make().pipeline, wake).start()
+        spooler = make().pipeline  # only its file half (arrive) is used, from any thread
+        out.acceptor = smtp.Acceptor(lambda: make().pipeline, spooler.arrive, wake).start()
         server = await smtp.start_server(
             smtp_policy(settings), out.acceptor, settings.smtp.host, settings.smtp.port
         )

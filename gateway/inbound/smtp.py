@@ -24,7 +24,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway.model import Envelope as Mail
 from gateway.pipeline import Pipeline
-from gateway.store.records import Accepted
+from gateway.store.records import Accepted, Arrival
 
 log = logging.getLogger(__name__)
 # aiosmtpd logs every DATA line at debug level: mail bodies must never reach a log (patient
@@ -64,19 +64,26 @@ class SmtpPolicy:
         return bool(at) and (domain == self.domain or base in self.own_addresses)
 
 
+Waiting = tuple[Arrival, concurrent.futures.Future[Accepted]]
+
+
 class Acceptor:
-    """One thread that accepts what every SMTP session hands it, in batches: one commit and
-    one file-system sync cover every message that arrived while the last batch was syncing."""
+    """Accepting for every SMTP session: each session writes its spool file on a worker
+    thread (file creation is slow and parallel), then one acceptor thread makes every file
+    that arrived while it was busy durable with one sync and commits their rows together."""
 
     def __init__(
-        self, make_pipeline: Callable[[], Pipeline], wake: Callable[[], None], max_batch: int = 64
+        self,
+        make_pipeline: Callable[[], Pipeline],
+        arrive: Callable[[Mail], Arrival],
+        wake: Callable[[], None],
+        max_batch: int = 64,
     ) -> None:
         self.make_pipeline = make_pipeline
+        self.arrive = arrive  # files only: safe on any thread
         self.wake = wake
         self.max_batch = max_batch
-        self.queue: queue.Queue[tuple[Mail, concurrent.futures.Future[Accepted]] | None] = (
-            queue.Queue()
-        )
+        self.queue: queue.Queue[Waiting | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="smtp-acceptor", daemon=True)
 
     def start(self) -> Acceptor:
@@ -88,8 +95,9 @@ class Acceptor:
         self.thread.join(30)
 
     async def submit(self, mail: Mail) -> Accepted:
+        arrival = await asyncio.to_thread(self.arrive, mail)
         future: concurrent.futures.Future[Accepted] = concurrent.futures.Future()
-        self.queue.put((mail, future))
+        self.queue.put((arrival, future))
         return await asyncio.wrap_future(future)
 
     def _run(self) -> None:
@@ -97,7 +105,7 @@ class Acceptor:
         while (batch := self._next_batch()) is not None:
             self._accept(pipeline, batch)
 
-    def _next_batch(self) -> list[tuple[Mail, concurrent.futures.Future[Accepted]]] | None:
+    def _next_batch(self) -> list[Waiting] | None:
         first = self.queue.get()
         if first is None:
             return None
@@ -113,11 +121,9 @@ class Acceptor:
             batch.append(item)
         return batch
 
-    def _accept(
-        self, pipeline: Pipeline, batch: list[tuple[Mail, concurrent.futures.Future[Accepted]]]
-    ) -> None:
+    def _accept(self, pipeline: Pipeline, batch: list[Waiting]) -> None:
         try:
-            accepted = pipeline.accept_many([m for m, _ in batch])
+            accepted = pipeline.commit_arrivals([a for a, _ in batch])
         except Exception as exc:  # every session of the batch answers 451 and retries
             log.error("accepting %d SMTP messages failed: %s", len(batch), type(exc).__name__)
             for _, future in batch:
