@@ -24,6 +24,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/outbox.py
+	$(BIN)/python bench/smtp.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
