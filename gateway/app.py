@@ -176,7 +176,8 @@ def load_keys(path: Path) -> list[bytes]:
 def _once(path: Path, make: object) -> str:
     """Read a small generated file, creating it (mode 0600, atomically) on first use."""
     if not path.exists():
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        # pid and a random part: threads of one process (the IMAP watchers) may race here too.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(make())  # type: ignore[operator]

@@ -81,7 +81,10 @@ def cli(ctx: click.Context, config: str | None, verbose: bool) -> None:
 @cli.command()
 @click.pass_context
 def serve(ctx: click.Context) -> None:
-    """Run the gateway: SMTP receiver, spool processor and outbox sender, until SIGTERM.
+    """Run the gateway: SMTP, IMAP and HTTP listeners, spool processor and outbox sender.
+
+    Runs until SIGTERM or SIGINT, then stops the listeners first and finishes what they
+    accepted.
 
     Every template is rendered once first: a broken override stops it with one line.
 
@@ -97,6 +100,8 @@ def serve(ctx: click.Context) -> None:
         raise Failure(f"configuration: {exc}", 78) from None
     try:
         service.run(settings, os.environ)
+    except ConfigError as exc:  # an IMAP mailbox table, an API token file
+        raise Failure(f"configuration: {exc}", 78) from None
     except (TemplateProblem, ServiceError) as exc:
         raise Failure(str(exc), 78) from None
     except OSError as exc:  # e.g. the SMTP port is taken
@@ -403,6 +408,63 @@ def quarantine_replay(ctx: click.Context, ident: str | None, replay_all: bool) -
             if not app.records.release(inbound_id):
                 raise Failure(f"inbound {inbound_id} is not quarantined")
             emit(app.pipeline.process(inbound_id).as_json())
+
+
+@cli.command()
+@click.option("--since", help="First day, e.g. 2026-10-01 (default: 30 days before --until).")
+@click.option("--until", help="Day after the last, exclusive (default: now).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    help="Output format.",
+)
+@click.option(
+    "--chart",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also draw ECRs created over time by problem type into this PNG file.",
+)
+@click.pass_context
+def report(
+    ctx: click.Context, since: str | None, until: str | None, fmt: str, chart: Path | None
+) -> None:
+    """ECRs created in a period: by problem type and status, median time to first response
+    and to resolution, reactivation rate, average score and score count.
+
+    \b
+    Example:
+      ecr-gateway report --since 2026-10-01 --until 2026-11-01
+      ecr-gateway report --format csv > october.csv
+      ecr-gateway report --since 2026-01-01 --chart types.png
+    """
+    from gateway import reports
+    from gateway.store.reports import facts
+
+    with opened(ctx) as app:
+        try:
+            start, end = reports.period(since, until, app.clock())
+        except ValueError as exc:
+            raise Failure(str(exc), EX_USAGE) from None
+        found = facts(app.db, start, end)
+    result = reports.compute(found, start, end)
+    if fmt == "json":
+        emit(reports.as_json(result))
+    else:
+        click.echo(reports.as_csv(result) if fmt == "csv" else reports.as_table(result), nl=False)
+    if chart:
+        title = f"ECRs created by problem type, {start:%Y-%m-%d} to {end:%Y-%m-%d}"
+        _draw(reports.timeline(found, start, end), chart, title)
+
+
+def _draw(timeline: Any, path: Path, title: str) -> None:
+    from gateway import chart  # matplotlib takes a while to import: only when asked
+
+    try:
+        chart.draw(timeline, path, title)
+    except OSError as exc:
+        raise Failure(f"cannot write {path}: {exc.strerror}") from None
+    click.echo(f"chart written to {path}", err=True)
 
 
 def _ecr_id(app: App, ref: str) -> int:

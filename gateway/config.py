@@ -118,6 +118,13 @@ class HttpSettings:
     port: int = setting(8080, "HTTP port")
     api_tokens: dict[str, str] = setting({}, "name -> API bearer token")
     api_tokens_file: str = setting("", "a TOML file of name = token lines")
+    score_posts_per_minute: int = setting(10, "score submissions one client address may make")
+    health_outbox_max_age: int = setting(
+        3600, "seconds a notification may wait unsent before /healthz reports 503"
+    )
+    forwarded_allow_ips: str = setting(
+        "127.0.0.1", "proxies whose X-Forwarded-For names the client (comma-separated)"
+    )
 
 
 @dataclass(frozen=True)
@@ -300,6 +307,8 @@ def _validate(s: Settings) -> None:
     checks = [
         ("smtp.port", 0 <= s.smtp.port <= 65535, "must be a port number"),
         ("http.port", 0 <= s.http.port <= 65535, "must be a port number"),
+        ("http.score_posts_per_minute", s.http.score_posts_per_minute > 0, "must be positive"),
+        ("http.health_outbox_max_age", s.http.health_outbox_max_age > 0, "must be positive"),
         ("gateway.reopen_window_days", s.gateway.reopen_window_days >= 0, "must not be negative"),
         ("gateway.ref_width", 1 <= s.gateway.ref_width <= 12, "must be 1 to 12"),
         ("gateway.max_attempts", s.gateway.max_attempts >= 1, "must be at least 1"),

@@ -1,9 +1,9 @@
-"""`ecr-gateway serve`: one asyncio process with the SMTP receiver, the IMAP watchers, the spool
-processor and the outbox sender, stopped cleanly by SIGTERM or SIGINT.
+"""`ecr-gateway serve`: the listeners (SMTP, IMAP watchers, HTTP) in this process, the spool
+processor and the outbox sender in a worker process; stopped cleanly by SIGTERM or SIGINT.
 
-Each worker is a thread with its own App (SQLite connections stay in the thread that opened
-them): the SMTP sessions live on the event loop and hand messages to the acceptor thread; the
-processor thread wakes when something was accepted; the sender thread delivers the outbox.
+Each thread has its own App (SQLite connections stay in the thread that opened them): the SMTP
+sessions and the web app live on the event loop, SMTP sessions hand messages to the acceptor
+thread, each IMAP mailbox has a watcher thread, and whatever accepts a mail wakes the worker.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from typing import Protocol
 
 from gateway.app import App, build_app
 from gateway.config import Settings
-from gateway.inbound import smtp
+from gateway.inbound import imap, smtp
+from gateway.web.server import Web, build_server
 
 log = logging.getLogger("gateway")
 
@@ -93,6 +94,7 @@ def _worker_main(
 
 def run(settings: Settings, environ: Mapping[str, str]) -> None:
     """Start everything, block until a signal, then stop in order: listeners first."""
+    imap.parse_mailboxes(settings.imap.mailboxes, environ)  # a bad table stops us before anything
     app = build_app(settings, environ=environ)
     try:
         app.renderer.check()
@@ -110,15 +112,18 @@ def run(settings: Settings, environ: Mapping[str, str]) -> None:
 
 async def _serve(settings: Settings, environ: Mapping[str, str], wake: Callable[[], None]) -> None:
     make = lambda: build_app(settings, environ=environ)  # noqa: E731 - one App per thread
-    listeners = await _listen(settings, make, wake)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    log.info("ecr-gateway serving: %s", "; ".join(listeners.summary))
-    await stopping.wait()
-    log.info("stopping: no new connections; in-flight sessions get %.0fs", SHUTDOWN_GRACE)
-    await listeners.close()
+    listeners = Listeners()
+    try:  # a listener that cannot start (a port taken) stops the ones started before it
+        await _listen(settings, environ, make, wake, listeners)
+        log.info("ecr-gateway serving: %s", "; ".join(listeners.summary))
+        await stopping.wait()
+        log.info("stopping: no new connections; in-flight sessions get %.0fs", SHUTDOWN_GRACE)
+    finally:
+        await listeners.close()
 
 
 @dataclass
@@ -126,8 +131,16 @@ class Listeners:
     summary: list[str] = field(default_factory=list)
     servers: list[asyncio.Server] = field(default_factory=list)
     acceptor: smtp.Acceptor | None = None
+    watchers: list[threading.Thread] = field(default_factory=list)
+    watching: threading.Event = field(default_factory=threading.Event)  # set = stop watching
+    web: Web | None = None
+    web_task: asyncio.Task[None] | None = None
 
     async def close(self) -> None:
+        self.watching.set()
+        if self.web and self.web_task:
+            self.web.stop()  # uvicorn lets in-flight requests finish
+            await self.web_task
         for server in self.servers:
             server.close()
         for server in self.servers:
@@ -135,14 +148,19 @@ class Listeners:
                 await asyncio.wait_for(server.wait_closed(), SHUTDOWN_GRACE)
             except TimeoutError:
                 log.warning("SMTP sessions still open after %.0fs; closing", SHUTDOWN_GRACE)
+        for thread in self.watchers:  # a watcher finishes the batch it is accepting
+            await asyncio.to_thread(thread.join, SHUTDOWN_GRACE)
         if self.acceptor:
             self.acceptor.stop()  # after the sessions: their last messages are accepted first
 
 
 async def _listen(
-    settings: Settings, make: Callable[[], App], wake: Callable[[], None]
-) -> Listeners:
-    out = Listeners()
+    settings: Settings,
+    environ: Mapping[str, str],
+    make: Callable[[], App],
+    wake: Callable[[], None],
+    out: Listeners,
+) -> None:
     if settings.smtp.enabled:
         spooler = make().pipeline  # only its file half (arrive) is used, from any thread
         out.acceptor = smtp.Acceptor(lambda: make().pipeline, spooler.arrive, wake).start()
@@ -152,9 +170,16 @@ async def _listen(
         out.servers.append(server)
         host, port = server.sockets[0].getsockname()[:2]
         out.summary.append(f"SMTP on {host}:{port}")
+    out.watchers = imap.start_watchers(settings, environ, out.watching, wake)
+    if out.watchers:
+        out.summary.append(f"IMAP: {len(out.watchers)} mailbox(es)")
+    if settings.http.enabled:
+        out.web = build_server(settings, environ)
+        out.web_task = asyncio.create_task(out.web.serve())
+        host, port = out.web.address
+        out.summary.append(f"HTTP on {host}:{port}")
     out.summary.append(f"notifications to {settings.outbound.relay_host or 'data/sent/'}")
     out.summary.append(f"data in {settings.data_dir}")
-    return out
 
 
 def smtp_policy(settings: Settings) -> smtp.SmtpPolicy:

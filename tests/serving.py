@@ -13,7 +13,9 @@ from pathlib import Path
 
 
 class Served:
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, env: dict[str, str] | None = None, config: Path | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.env = {
             **os.environ,
@@ -23,9 +25,12 @@ class Served:
             **(env or {}),
         }
         self.env.pop("ECR_GATEWAY_CONFIG", None)
+        if config:
+            self.env["ECR_GATEWAY_CONFIG"] = str(config)
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
         self.smtp_port = 0
+        self.http_port = 0
 
     def start(self, timeout: float = 30) -> Served:
         self.lines = []
@@ -42,6 +47,8 @@ class Served:
             found = [m for line in self.lines if (m := re.search(r"SMTP on [\d.]+:(\d+)", line))]
             if found:
                 self.smtp_port = int(found[0].group(1))
+                http = re.search(r"HTTP on [\d.]+:(\d+)", found[0].string)
+                self.http_port = int(http.group(1)) if http else 0
                 return self
             if self.proc.poll() is not None:
                 break

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from gateway.mail import tokens
-from gateway.model import Happened, ParsedMail
+from gateway.model import Address, Happened, ParsedMail
 from gateway.notify import compose, plan
 from gateway.notify.render import Renderer
 from gateway.store.outbox import Audience, Outbox, Queued
@@ -99,6 +99,55 @@ class Notifier:
             "outbox %d to %s bounced; address marked undeliverable", row["id"], row["recipient"]
         )
         return row["ecr_id"], f"bounce of our {row['template']} mail to {row['recipient']}"
+
+    def oversize(
+        self, to: Address, subject: str, about: str, size: int, limit: int, now: datetime
+    ) -> bool:
+        """One `oversize` mail to the sender of a mail too large to take (PRODUCT §2.6), in
+        the caller's transaction. `about` is the refused mail's dedupe key: the outbox's unique
+        (event, recipient) key makes the mail go once, however often the mail is seen."""
+        why = self._no_oversize_mail(to.email, now)
+        if why:
+            log.warning("no oversize mail to %s (%s)", to.email, why)
+            return False
+        mid = compose.message_id("oversize", secrets.token_hex(6), self.keys[0], self.me.domain)
+        cause = about[4:] if about.startswith("mid:") else ""
+        headers = compose.Headers(
+            ref="",
+            subject=f"Your mail was too large: {subject}",
+            sender=self.me.support_address,
+            to=to,
+            reply_to=self.me.support_address,
+            message_id=mid,
+            in_reply_to=cause,
+            references=(cause,) if cause else (),
+            auto_submitted="auto-replied",  # it answers their mail (RFC 3834)
+            instance_id=self.me.instance_id,
+            date=now,
+        )
+        context = {
+            "ref": "",
+            "subject": subject,
+            "name": to.name,
+            "team_name": self.me.team_name,
+            "size_mb": _megabytes(size),
+            "limit_mb": _megabytes(limit),
+        }
+        spec = compose.write_spec("oversize", context, headers)
+        key = f"oversize:{about}"
+        row = Queued(key, to.email, "oversize", None, mid, self.me.bounce_address, spec)
+        return self.outbox.queue(row, now)
+
+    def _no_oversize_mail(self, email: str, now: datetime) -> str:
+        """Why the sender of an oversize mail gets no answer, or "" when they get one."""
+        if not plan.deliverable(email, self.recipients.own):
+            return "not an address we answer"
+        if self.outbox.undeliverable(email):
+            return "address is undeliverable"
+        recent = self.outbox.recent(email, "oversize", now - timedelta(hours=1))
+        if recent >= self.recipients.ack_limit_per_hour:  # a peer must not start a mail storm
+            return "acknowledgement rate limit"
+        return ""
 
     def _queue_one(self, h: Happened, p: plan.Planned, audience: Audience, now: datetime) -> int:
         ref = self.ref(h.ecr_id)
@@ -190,3 +239,9 @@ def _references(ref: str, domain: str, thread: tuple[str, ...], cause: str) -> t
     root = f"{ref.lower()}.root@{domain}"
     ids = [root, *thread[:1], *thread[-4:], *([cause] if cause else [])]
     return tuple(dict.fromkeys(i for i in ids if i))
+
+
+def _megabytes(size: int) -> str:
+    """52428800 -> "50", 62914561 -> "60", 20000 -> "0.02": what a person reads."""
+    mb = size / 1048576
+    return f"{mb:.2f}" if mb < 1 else f"{mb:.1f}".removesuffix(".0")

@@ -1,8 +1,10 @@
-"""Notification text and HTML from Jinja2 templates; the only module that imports jinja2.
+"""Notification text and HTML, and the web pages, from Jinja2 templates; the only module that
+imports jinja2.
 
-Our templates live in `templates/mail/`; `templates.folder` may override any of them file by
-file. Every template is rendered once against sample data at start-up (`check()`), so a broken
-override stops `serve` with one clear line instead of failing when a practice waits for a mail.
+Our templates live in `templates/mail/` and `templates/pages/`; `templates.folder` may override
+any of them file by file. Every template is rendered once against sample data at start-up
+(`check()`), so a broken override stops `serve` with one clear line instead of failing when a
+practice waits for a mail or opens a score link.
 """
 
 from __future__ import annotations
@@ -68,6 +70,41 @@ class Renderer:
                 line = getattr(exc, "lineno", None)
                 at = f"{where}:{line}" if line else str(where)
                 raise TemplateProblem(f"template {at}: {exc.message or exc}") from None
+
+
+PAGES: dict[str, dict[str, Any]] = {
+    "score.html": {
+        "ref": "ECR-000001",
+        "choices": [{"score": n, "label": "label", "checked": n == 3} for n in range(1, 6)],
+        "comment": "",
+        "max_comment": 2000,
+        "error": "",
+    },
+    "thanks.html": {"ref": "ECR-000001", "score": 4, "comment": "A comment"},
+    "refused.html": {"title": "Link not valid", "message": "This link is not valid."},
+    "page.css": {},
+}
+
+
+class PageRenderer:
+    """Server-rendered pages (`templates/pages/`), always autoescaped: a comment or any other
+    text from a practice can never become markup."""
+
+    def __init__(self, override: Path | None = None) -> None:
+        loaders: list[jinja2.BaseLoader] = [jinja2.FileSystemLoader(str(BUILTIN))]
+        if override:
+            loaders.insert(0, jinja2.FileSystemLoader(str(override)))
+        self.env = _env(loaders, autoescape=True)
+
+    def render(self, name: str, context: dict[str, Any]) -> str:
+        return self.env.get_template(f"pages/{name}").render(context)
+
+    def check(self) -> None:
+        for name, sample in PAGES.items():
+            try:
+                self.render(name, sample)
+            except jinja2.TemplateError as exc:
+                raise TemplateProblem(f"template pages/{name}: {exc.message or exc}") from None
 
 
 def _env(loaders: list[jinja2.BaseLoader], autoescape: bool) -> jinja2.Environment:

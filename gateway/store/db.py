@@ -19,7 +19,9 @@ Row = dict[str, Any]
 
 
 class Database:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, migrate: bool = True) -> None:
+        """`migrate=False` for extra connections (per thread, per request) to a database that
+        the process's first connection already brought up to date."""
         path.parent.mkdir(parents=True, exist_ok=True)
         # One connection per Database; each thread or process opens its own (STYLE: traps).
         conn = sqlite3.connect(str(path), isolation_level=None, timeout=60)
@@ -29,7 +31,8 @@ class Database:
         self.execute("PRAGMA foreign_keys=ON")
         self.execute("PRAGMA busy_timeout=60000")
         self.execute("PRAGMA synchronous=NORMAL")
-        migrate(self)
+        if migrate:
+            _migrate(self)
 
     def close(self) -> None:
         self.conn.close()
@@ -191,11 +194,92 @@ def _m4_imap(d: Database) -> None:
         reason TEXT NOT NULL, at TEXT NOT NULL, PRIMARY KEY (mailbox, uidvalidity, uid))""")
 
 
+def _m5_scores(d: Database) -> None:
+    # One score per (ECR, contact, resolution): a later POST replaces it, and every POST is
+    # also an event, so the history stays. ecrs.score / score_comment keep the latest.
+    d.execute("""CREATE TABLE scores (
+        ecr_id INTEGER NOT NULL REFERENCES ecrs(id), contact_id INTEGER NOT NULL
+        REFERENCES contacts(id), resolution_no INTEGER NOT NULL,
+        score INTEGER NOT NULL CHECK (score BETWEEN 1 AND 5), comment TEXT NOT NULL DEFAULT '',
+        at TEXT NOT NULL, PRIMARY KEY (ecr_id, contact_id, resolution_no)) WITHOUT ROWID""")
+    d.execute("CREATE INDEX scores_at ON scores(at)")
+    # What /healthz writes to prove the store takes writes: one row, overwritten.
+    d.execute("CREATE TABLE health_probe (id INTEGER PRIMARY KEY CHECK (id = 1), at TEXT)")
+    # Reports and metrics read events by kind (first response, resolutions, score count).
+    d.execute("CREATE INDEX events_kind ON events(kind, ecr_id)")
+    _metric_counters(d)
+
+
+# Processing-latency buckets (seconds) of the metrics; 1e308 stands for +Inf.
+LATENCY_BUCKETS = (1, 2, 5, 10, 30, 60, 300, 1800, 3600, 86400, 1e308)
+_LATENCY = "MAX(0, ROUND((julianday(new.processed_at) - julianday(new.received_at)) * 86400, 3))"
+
+
+def _metric_counters(d: Database) -> None:
+    """Counters kept by triggers, so a Prometheus scrape reads a few rows instead of scanning
+    every inbound mail, and counts what every process did. Each outcome a mail reaches is
+    counted once (a replayed mail counts under both of its outcomes); each processing, its
+    latency from acceptance."""
+    d.execute("""CREATE TABLE metric_outcomes (source TEXT NOT NULL, outcome TEXT NOT NULL,
+        n INTEGER NOT NULL, PRIMARY KEY (source, outcome)) WITHOUT ROWID""")
+    d.execute("""CREATE TABLE metric_latency (le REAL PRIMARY KEY, n INTEGER NOT NULL DEFAULT 0,
+        total REAL NOT NULL DEFAULT 0)""")
+    count = (
+        "INSERT INTO metric_outcomes VALUES (new.source, new.outcome, 1) "
+        "ON CONFLICT (source, outcome) DO UPDATE SET n = n + 1"
+    )
+    d.execute(
+        "CREATE TRIGGER inbound_outcome_ai AFTER INSERT ON inbound "
+        f"WHEN new.outcome IS NOT NULL BEGIN {count}; END"
+    )
+    d.execute(
+        "CREATE TRIGGER inbound_outcome_au AFTER UPDATE OF outcome ON inbound "
+        f"WHEN new.outcome IS NOT NULL AND new.outcome IS NOT old.outcome BEGIN {count}; END"
+    )
+    d.execute(
+        "CREATE TRIGGER inbound_latency_au AFTER UPDATE OF processed_at ON inbound "
+        "WHEN new.processed_at IS NOT NULL AND new.processed_at IS NOT old.processed_at "
+        f"AND new.duplicate_of IS NULL BEGIN UPDATE metric_latency SET n = n + 1, "
+        f"total = total + {_LATENCY} WHERE le = (SELECT MIN(le) FROM metric_latency "
+        f"WHERE le >= {_LATENCY}); END"
+    )
+    _backfill_metrics(d)
+
+
+def _backfill_metrics(d: Database) -> None:
+    """What mails processed before this migration add to the counters."""
+    d.execute(
+        "INSERT INTO metric_outcomes SELECT source, outcome, COUNT(*) FROM inbound "
+        "WHERE outcome IS NOT NULL GROUP BY source, outcome"
+    )
+    for le in LATENCY_BUCKETS:
+        d.execute("INSERT INTO metric_latency (le) VALUES (?)", [le])
+    latency = _LATENCY.replace("new.", "")
+    d.execute(
+        f"WITH lat AS (SELECT {latency} AS s FROM inbound WHERE processed_at IS NOT NULL "
+        "AND duplicate_of IS NULL), bucketed AS (SELECT s, (SELECT MIN(le) FROM "
+        "metric_latency WHERE le >= s) AS le FROM lat), sums AS (SELECT le, COUNT(*) AS n, "
+        "SUM(s) AS total FROM bucketed GROUP BY le) UPDATE metric_latency SET "
+        "n = sums.n, total = sums.total FROM sums WHERE sums.le = metric_latency.le"
+    )
+
+
 # Append only: a migration, once released, is never edited; its number is its position.
-MIGRATIONS: list[Callable[[Database], None]] = [_m1_core, _m2_search, _m3_outbox, _m4_imap]
+MIGRATIONS: list[Callable[[Database], None]] = [
+    _m1_core,
+    _m2_search,
+    _m3_outbox,
+    _m4_imap,
+    _m5_scores,
+]
 
 
 def migrate(d: Database) -> None:
+    """Bring `d` up to date (Database.__init__'s `migrate` flag shadows this name there)."""
+    _migrate(d)
+
+
+def _migrate(d: Database) -> None:
     d.execute(
         "CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, applied_at TEXT)"
     )

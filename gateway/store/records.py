@@ -101,6 +101,18 @@ class Records:
         row["ecr_id"] = self.db.value("SELECT ecr_id FROM inbound WHERE id = ?", [first])
         return Accepted(self.db.insert("inbound", row), first)
 
+    def accept_quarantined(self, a: Arrival, reason: str) -> Accepted:
+        """A row born quarantined, in the caller's transaction: a mail we refused to take
+        whole (over the size limit through IMAP). Never `accepted`, so no processor can pick
+        it up in between; a known key is still recorded as a duplicate."""
+        accepted = self._accept_one(a)
+        if accepted.duplicate_of is None:
+            self.db.execute(
+                "UPDATE inbound SET failed_step = 'accept' WHERE id = ?", [accepted.inbound_id]
+            )
+            self._quarantine(accepted.inbound_id, reason)
+        return accepted
+
     # --- the fate of a row ------------------------------------------------------------------
 
     def inbound(self, inbound_id: int) -> Row | None:
