@@ -13,13 +13,11 @@ from typing import Any, NoReturn
 
 import click
 
-from gateway import service
 from gateway.app import App, build_app
 from gateway.config import ConfigError, load_settings
 from gateway.inbound import files
 from gateway.model import Envelope, Status
 from gateway.notify.render import TemplateProblem
-from gateway.service import ServiceError
 from gateway.staff import StaffError
 
 EX_USAGE = 64  # sysexits.h: the MTA-facing exit codes of `ingest`
@@ -98,11 +96,15 @@ def serve(ctx: click.Context) -> None:
         settings = load_settings(ctx.obj["config"], os.environ)
     except ConfigError as exc:
         raise Failure(f"configuration: {exc}", 78) from None
+    # Imported here: the listeners' libraries (uvicorn, FastAPI, imapclient) would add a
+    # quarter of a second to every `ingest` an MTA starts, one per mail.
+    from gateway import service
+
     try:
         service.run(settings, os.environ)
     except ConfigError as exc:  # an IMAP mailbox table, an API token file
         raise Failure(f"configuration: {exc}", 78) from None
-    except (TemplateProblem, ServiceError) as exc:
+    except (TemplateProblem, service.ServiceError) as exc:
         raise Failure(str(exc), 78) from None
     except OSError as exc:  # e.g. the SMTP port is taken
         raise Failure(f"cannot start: {exc}", 71) from None

@@ -97,8 +97,8 @@ class Pipeline:
     def accept_many(self, envelopes: Sequence[Envelope]) -> list[Accepted]:
         """Raw bytes durably in the spool, then the rows in one durable commit; only then may a
         transport acknowledge. Several envelopes share their fsyncs and their commit."""
-        arrivals = [self.arrive(e, sync=len(envelopes) == 1) for e in envelopes]
-        return self.commit_arrivals(arrivals, synced=len(envelopes) == 1)
+        alone = len(envelopes) == 1  # fsynced as it is written: no batch to share a sync with
+        return self.commit_arrivals(self.arrive_many(envelopes, sync=alone), synced=alone)
 
     def commit_arrivals(self, arrivals: Sequence[Arrival], synced: bool = False) -> list[Accepted]:
         """The second half of accepting: the spool files made durable (one sync for all of
@@ -117,10 +117,16 @@ class Pipeline:
         return accepted
 
     def arrive(self, envelope: Envelope, sync: bool = False) -> Arrival:
-        """The first half of accepting: the raw mail written to the spool. Touches files
-        only, never the database, so transports may call it from any thread, in parallel."""
-        name = self.spool.new_name()
-        self.spool.write(name, envelope.raw, sync=sync)
+        return self.arrive_many([envelope], sync)[0]
+
+    def arrive_many(self, envelopes: Sequence[Envelope], sync: bool = False) -> list[Arrival]:
+        """The first half of accepting: the raw mails written to the spool, in one file when
+        there are several. Touches files only, never the database, so transports may call it
+        from any thread."""
+        names = self.spool.write_many([e.raw for e in envelopes], sync=sync)
+        return [self._arrival(e, name) for e, name in zip(envelopes, names, strict=True)]
+
+    def _arrival(self, envelope: Envelope, name: str) -> Arrival:
         message_id = sniff_message_id(envelope.raw)
         return Arrival(
             dedupe_key=dedupe_key(message_id, envelope.raw),

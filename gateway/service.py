@@ -162,8 +162,7 @@ async def _listen(
     out: Listeners,
 ) -> None:
     if settings.smtp.enabled:
-        spooler = make().pipeline  # only its file half (arrive) is used, from any thread
-        out.acceptor = smtp.Acceptor(lambda: make().pipeline, spooler.arrive, wake).start()
+        out.acceptor = smtp.Acceptor(lambda: make().pipeline, wake).start()
         server = await smtp.start_server(
             smtp_policy(settings), out.acceptor, settings.smtp.host, settings.smtp.port
         )

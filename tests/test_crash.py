@@ -43,6 +43,7 @@ from typing import Any
 import pytest
 
 from gateway.app import build_app
+from gateway.store.files import Spool, span
 from tests.conftest import ROOT, TEST_KEY, mail, make_settings
 
 SEED_ENV = "ECR_CRASH_SEED"
@@ -512,9 +513,10 @@ def check_files(world: World) -> list[str]:
     problems = [
         f"temporary file left: {p.relative_to(world.data)}" for p in world.data.rglob("*.tmp")
     ]
-    for rid, spool in world.rows("SELECT id, spool_path FROM inbound"):
-        if not (world.data / "spool" / spool).is_file():
-            problems.append(f"inbound {rid}: raw mail {spool} missing from the spool")
+    spool = Spool(world.data / "spool")
+    for rid, name, size in world.rows("SELECT id, spool_path, size FROM inbound"):
+        if not spool.exists(name) or len(spool.read(name)) != size:
+            problems.append(f"inbound {rid}: raw mail {name} missing from the spool")
     for (sha,) in world.rows("SELECT DISTINCT sha256 FROM attachments"):
         blob = world.data / "attachments" / sha[:2] / sha[2:4] / sha
         if not blob.is_file() or hashlib.sha256(blob.read_bytes()).hexdigest() != sha:
@@ -524,9 +526,8 @@ def check_files(world: World) -> list[str]:
 
 def orphans(world: World) -> int:
     """Spooled raw mails with no row: killed between the rename and the commit (harmless)."""
-    known = {s for (s,) in world.rows("SELECT spool_path FROM inbound")}
-    spool = world.data / "spool"
-    return sum(1 for p in spool.glob("*/*.eml") if str(p.relative_to(spool)) not in known)
+    known = {span(s)[0] for (s,) in world.rows("SELECT spool_path FROM inbound")}
+    return sum(1 for f in Spool(world.data / "spool").files() if f not in known)
 
 
 # --- the test -------------------------------------------------------------------------------

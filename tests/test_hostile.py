@@ -165,6 +165,19 @@ def test_8bit_part_with_an_unusable_charset_parameter_is_read(app: App, param: b
     assert app.db.value("SELECT text FROM updates") == "Caf\u00e9 printer broken."
 
 
+def test_multipart_cut_off_in_a_nested_part_header_is_read(app: App) -> None:
+    # Found by the property test: mail-parser's epilogue recovery raised on this (no epilogue).
+    raw = (
+        b"From: Dr A <gp@practice.example>\r\nTo: support@localhost\r\nSubject: Scan\r\n"
+        b"Message-ID: <cut-1@practice.example>\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="==B=="\r\n\r\n--==B==\n'
+        b'Content-Type: multipart/mixed; boundary="==B=="\r'
+    )
+    result = ingest(app, raw)
+    assert result.outcome is Outcome.CREATED
+    assert row(app, result.inbound_id)["failed_step"] is None
+
+
 # --- attachments --------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.store.files import Spool
 from tests.conftest import mail
 from tests.serving import Served
 
@@ -86,7 +87,7 @@ def test_oversize_without_size_is_refused_after_the_data(served: Served, data_di
         code, _ = c.data(big)
     assert code == 552
     assert rows(data_dir, "SELECT COUNT(*) FROM inbound") == [(0,)]
-    assert not list((data_dir / "spool").glob("*/*.eml"))
+    assert not Spool(data_dir / "spool").files()
 
 
 def test_recipients_past_the_cap_get_452(served: Served) -> None:

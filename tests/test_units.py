@@ -13,6 +13,7 @@ from gateway.mail import classify, names, rules, tokens
 from gateway.mail.match import reference_pattern
 from gateway.mail.parse import parse
 from gateway.model import Address, Kind, ParsedMail
+from gateway.store.files import Spool, span
 from tests.conftest import mail
 
 NOW = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
@@ -511,3 +512,31 @@ def test_a_thanks_line_is_only_thanks_when_what_follows_is_a_signature(text: str
     from gateway.mail.rules import thanks_only
 
     assert thanks_only(text, DEFAULT_THANKS) is expected
+
+
+# --- the spool ------------------------------------------------------------------------------
+
+
+def test_a_batch_of_mails_shares_one_spool_file_and_each_reads_back(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    raws = [b"first mail\r\n", b"", b"third \x00\xff mail\r\n" * 1000]
+    names = spool.write_many(raws, sync=False)
+    spool.sync(names)
+    assert len(spool.files()) == 1 and spool.files()[0].endswith(".batch")
+    assert [spool.read(n) for n in names] == raws
+    assert all(spool.exists(n) for n in names)
+    (alone,) = spool.write_many([b"alone"])
+    assert alone.endswith(".eml") and spool.read(alone) == b"alone"
+
+
+def test_a_span_past_the_end_of_its_spool_file_is_an_error_not_a_short_mail(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    names = spool.write_many([b"one", b"two"])
+    file, where = span(names[1])
+    assert where == (3, 3)
+    (spool.root / file).write_bytes(b"one")  # truncated behind our back
+    assert not spool.exists(names[1])
+    with pytest.raises(OSError, match="shorter"):
+        spool.read(names[1])

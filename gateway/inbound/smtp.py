@@ -24,7 +24,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway.model import Envelope as Mail
 from gateway.pipeline import Pipeline
-from gateway.store.records import Accepted, Arrival
+from gateway.store.records import Accepted
 
 log = logging.getLogger(__name__)
 # aiosmtpd logs every DATA line at debug level: mail bodies must never reach a log (patient
@@ -64,23 +64,21 @@ class SmtpPolicy:
         return bool(at) and (domain == self.domain or base in self.own_addresses)
 
 
-Waiting = tuple[Arrival, concurrent.futures.Future[Accepted]]
+Waiting = tuple[Mail, concurrent.futures.Future[Accepted]]
 
 
 class Acceptor:
-    """Accepting for every SMTP session: each session writes its spool file on a worker
-    thread (file creation is slow and parallel), then one acceptor thread makes every file
-    that arrived while it was busy durable with one sync and commits their rows together."""
+    """Accepting for every SMTP session: one thread takes every message that ended its DATA
+    while it was busy as one batch: one spool file, one sync and one commit for all of them
+    (group commit), then answers each session."""
 
     def __init__(
         self,
         make_pipeline: Callable[[], Pipeline],
-        arrive: Callable[[Mail], Arrival],
         wake: Callable[[], None],
         max_batch: int = 64,
     ) -> None:
         self.make_pipeline = make_pipeline
-        self.arrive = arrive  # files only: safe on any thread
         self.wake = wake
         self.max_batch = max_batch
         self.queue: queue.Queue[Waiting | None] = queue.Queue()
@@ -95,9 +93,8 @@ class Acceptor:
         self.thread.join(30)
 
     async def submit(self, mail: Mail) -> Accepted:
-        arrival = await asyncio.to_thread(self.arrive, mail)
         future: concurrent.futures.Future[Accepted] = concurrent.futures.Future()
-        self.queue.put((arrival, future))
+        self.queue.put((mail, future))
         return await asyncio.wrap_future(future)
 
     def _run(self) -> None:
@@ -123,7 +120,7 @@ class Acceptor:
 
     def _accept(self, pipeline: Pipeline, batch: list[Waiting]) -> None:
         try:
-            accepted = pipeline.commit_arrivals([a for a, _ in batch])
+            accepted = pipeline.accept_many([m for m, _ in batch])
         except Exception as exc:  # every session of the batch answers 451 and retries
             log.error("accepting %d SMTP messages failed: %s", len(batch), type(exc).__name__)
             for _, future in batch:

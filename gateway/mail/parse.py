@@ -175,8 +175,7 @@ class _ParsedBuilder:
         self.defects: list[str] = []
 
     def build(self) -> ParsedMail | Rejection:
-        mp = mailparser.MailParser(self.message)
-        self.defects.extend(_defect_names(mp.defects_categories))
+        self.defects.extend(_defect_names(_defect_categories(self.message)))
         self._walk()
         if self.deadline.passed():
             return Rejection(
@@ -591,6 +590,15 @@ def _classify_headers(message: Message) -> dict[str, str]:
         if values:
             out[name] = clean_line(", ".join(header_text(v) for v in values), 2000)
     return out
+
+
+def _defect_categories(message: Message) -> object:
+    """mail-parser's defect categories, or ours where mail-parser gives up: its epilogue
+    recovery raises on a multipart cut off before any epilogue (the epilogue is None)."""
+    try:
+        return mailparser.MailParser(message).defects_categories
+    except Exception:
+        return {type(d).__name__ for part in message.walk() for d in part.defects}
 
 
 def _defect_names(categories: object) -> list[str]:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 TMP = "tmp"
+BATCH = ".batch"
 
 
 def fsync_dir(path: Path | str) -> None:
@@ -23,18 +25,21 @@ def fsync_dir(path: Path | str) -> None:
         os.close(fd)
 
 
-def write_durably(target: Path, data: bytes, tmp_dir: Path, sync: bool = True) -> None:
+def write_durably(
+    target: Path, data: bytes | Sequence[bytes], tmp_dir: Path, sync: bool = True
+) -> None:
     """Write, fsync, rename, fsync the directory; `sync=False` leaves the fsyncs to the caller.
-    Plain os calls: this runs once per accepted mail, and pathlib's objects cost more than the
-    write itself."""
+    `data` may be several buffers, written one after the other without joining them. Plain os
+    calls: this runs once per accepted batch, and pathlib's objects cost more than a write."""
     parent = os.path.dirname(target)
     created = _ensure_dir(parent)
     tmp = f"{tmp_dir}/{os.getpid()}-{os.urandom(8).hex()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        for chunk in [data] if isinstance(data, bytes) else data:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
         if sync:
             os.fsync(fd)
     finally:
@@ -68,42 +73,93 @@ def fsync_file(path: Path) -> None:
 
 
 class Spool:
-    """Raw mails as received, kept for the life of the inbound row (audit, replay)."""
+    """Raw mails as received, kept for the life of the inbound row (audit, replay).
+
+    One mail is one file, `ab/<random>.eml`. Mails accepted together (an SMTP group commit, an
+    IMAP fetch, an import batch) share one file, `ab/<random>.batch`, the raw mails one after
+    the other, and each is named by its span: `ab/<random>.batch#<offset>+<length>`. Creating a
+    file costs more than writing a mail into it, so a batch pays that cost once.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.tmp = root / TMP
         self.tmp.mkdir(parents=True, exist_ok=True)
 
-    def new_name(self) -> str:
+    def new_name(self, suffix: str = ".eml") -> str:
         name = os.urandom(16).hex()
-        return f"{name[:2]}/{name}.eml"
+        return f"{name[:2]}/{name}{suffix}"
 
     def write(self, name: str, raw: bytes, sync: bool = True) -> None:
         write_durably(self.root / name, raw, self.tmp, sync)
+
+    def write_many(self, raws: Sequence[bytes], sync: bool = True) -> list[str]:
+        """The mails' names, all of them written to one file (or to their own, when alone)."""
+        if len(raws) == 1:
+            name = self.new_name()
+            self.write(name, raws[0], sync)
+            return [name]
+        batch = self.new_name(BATCH)
+        write_durably(self.root / batch, raws, self.tmp, sync)
+        names, offset = [], 0
+        for raw in raws:
+            names.append(f"{batch}#{offset}+{len(raw)}")
+            offset += len(raw)
+        return names
 
     def sync(self, names: list[str]) -> None:
         """The fsyncs `write(sync=False)` skipped, for a batch: one syncfs where Linux has it
         (files and directory entries in one call), else each file and directory once."""
         if _syncfs(self.root):
             return
-        for name in names:
-            fsync_file(self.root / name)
-        for directory in {(self.root / n).parent for n in names}:
+        files = {self.root / span(n)[0] for n in names}
+        for path in files:
+            fsync_file(path)
+        for directory in {path.parent for path in files}:
             fsync_dir(directory)
         fsync_dir(self.root)
 
     def read(self, name: str) -> bytes:
-        return (self.root / name).read_bytes()
+        file, where = span(name)
+        if where is None:
+            return (self.root / file).read_bytes()
+        offset, length = where
+        with open(self.root / file, "rb") as f:
+            f.seek(offset)
+            raw = f.read(length)
+        if len(raw) != length:
+            raise OSError(f"spool file {file} is shorter than the span of {name}")
+        return raw
 
     def exists(self, name: str) -> bool:
-        return (self.root / name).is_file()
+        file, where = span(name)
+        path = self.root / file
+        if where is None:
+            return path.is_file()
+        return path.is_file() and path.stat().st_size >= sum(where)
+
+    def files(self) -> list[str]:
+        """Every file the spool holds (not its temporary ones), relative to it."""
+        return sorted(
+            str(p.relative_to(self.root))
+            for p in self.root.glob("*/*")
+            if p.parent.name != TMP and p.suffix in (".eml", BATCH)
+        )
 
     def writable(self) -> bool:
         return os.access(self.root, os.W_OK) and os.access(self.tmp, os.W_OK)
 
     def sweep(self) -> int:
         return sweep(self.tmp)
+
+
+def span(name: str) -> tuple[str, tuple[int, int] | None]:
+    """A spool name's file, and the (offset, length) of its mail in a batch file."""
+    file, sep, where = name.partition("#")
+    if not sep:
+        return file, None
+    offset, _, length = where.partition("+")
+    return file, (int(offset), int(length))
 
 
 def sweep(tmp_dir: Path) -> int:
