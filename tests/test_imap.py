@@ -255,6 +255,25 @@ def test_appended_mails_become_ecrs_and_move_to_processed(
     assert not any(body in caplog.text for body in bodies)  # logs never carry bodies
 
 
+def test_sizes_are_exact_for_large_mails_and_a_bound_for_small_ones(
+    server: Dovecot, app: App
+) -> None:
+    w = watcher(app, server, batch_count=4, batch_bytes=4000)  # "small" is up to 1,000 bytes
+    raws = [mail(subject="Small"), mail(subject="Large", body="x" * 3000), mail(subject="Tiny")]
+    with server.other_client() as other:
+        for raw in raws:
+            other.append(raw)
+        session = w._select()
+        try:
+            sizes = w._sizes(session, [1, 2, 3])
+        finally:
+            w.disconnect()
+    assert sizes[2] == len(raws[1]) > 3000  # fetched: over the small bound
+    assert sizes[1] == sizes[3] == 1000 >= max(len(raws[0]), len(raws[2]))
+    steps = list(imap.plan_steps([1, 2, 3], sizes, set(), 10**6, count=4, nbytes=4000))
+    assert [s.uids for s in steps] == [(1,), (2,), (3,)]  # the bytes bound still splits them
+
+
 @pytest.mark.parametrize("after", ["move", "delete"])
 def test_without_move_the_mail_is_copied_and_only_its_uid_expunged(
     plain_server: Dovecot, app: App, after: str
