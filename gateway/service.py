@@ -15,10 +15,10 @@ import os
 import signal
 import ssl
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 
 from gateway.app import App, build_app
 from gateway.config import Settings
@@ -30,13 +30,6 @@ log = logging.getLogger("gateway")
 SHUTDOWN_GRACE = 10.0  # seconds in-flight SMTP sessions get to finish
 
 
-class EventLike(Protocol):
-    def is_set(self) -> bool: ...
-    def set(self) -> None: ...
-    def clear(self) -> None: ...
-    def wait(self, timeout: float | None = None) -> bool: ...
-
-
 class ServiceError(Exception):
     """The service cannot start; the message says why in one line."""
 
@@ -44,52 +37,97 @@ class ServiceError(Exception):
 class Worker:
     """The spool processor and the outbox sender, in a process of their own: parsing and
     applying are CPU work, and on the listeners' interpreter they would hold its lock while
-    SMTP sessions wait for their 250."""
+    SMTP sessions wait for their 250.
+
+    The two processes share one pipe and nothing else. A byte on it wakes the worker; its end
+    of file stops it, and comes as well when `serve` dies by SIGKILL, so no orphan goes on
+    working. A pipe, not a multiprocessing Event: setting an Event blocks for good once a
+    process that waited on it has died, and a worker killed by the kernel (out of memory)
+    would then freeze every SMTP session at its 250.
+    """
 
     def __init__(self, settings: Settings, environ: Mapping[str, str]) -> None:
-        context = multiprocessing.get_context("spawn")  # no fork of a process with threads
-        self.stop = context.Event()
-        self.wake = context.Event()
-        self.process = context.Process(
+        self.settings = settings
+        self.environ = dict(environ)
+        self.context = multiprocessing.get_context("spawn")  # no fork of a process with threads
+        self.process: BaseProcess | None = None
+        self.writer: Connection | None = None
+
+    def start(self) -> Worker:
+        reader, writer = self.context.Pipe(duplex=False)
+        process = self.context.Process(
             target=_worker_main,
             name="ecr-worker",
             daemon=True,
-            args=(settings, dict(environ), self.stop, self.wake, os.getpid()),
+            args=(self.settings, self.environ, reader),
         )
-
-    def start(self) -> Worker:
-        self.process.start()
+        process.start()
+        reader.close()  # the worker has its own copy: closing ours lets it see end of file
+        os.set_blocking(writer.fileno(), False)
+        self.process, self.writer = process, writer
         return self
 
+    def wake(self) -> None:
+        """Never blocks, from any thread: a full pipe already holds a wake-up, and a dead
+        worker is restarted by `watch`, which processes whatever is waiting."""
+        try:
+            assert self.writer is not None
+            self.writer.send_bytes(b"")  # 4 bytes: a pipe writes them whole or not at all
+        except (BlockingIOError, OSError):
+            pass
+
+    async def watch(self) -> None:
+        """Restart the worker whenever it dies (killed by the kernel, a bug): accepted mail
+        must not wait in the spool for the next start of `serve`."""
+        while True:
+            await asyncio.sleep(1.0)
+            assert self.process is not None and self.writer is not None
+            if not self.process.is_alive():
+                log.error("worker exited with code %s; starting another", self.process.exitcode)
+                self.writer.close()
+                self.start()
+
     def join(self) -> None:
-        self.stop.set()
-        self.wake.set()
+        if self.writer is None or self.process is None:
+            return
+        self.writer.close()
         self.process.join(60)
         if self.process.is_alive():
             log.warning("worker did not stop in 60s; terminating it")
             self.process.terminate()
 
 
-def _worker_main(
-    settings: Settings, environ: dict[str, str], stop: EventLike, wake: EventLike, parent: int
-) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    _die_with(parent, stop, wake)  # the pid from the parent: it may be gone already
+def _worker_main(settings: Settings, environ: dict[str, str], wakes: Connection) -> None:
+    # The parent decides when we stop, by closing the pipe: a signal to the whole process
+    # group (a terminal's ^C, systemd's SIGTERM to the unit) must not cut the worker short.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     # Acceptance is what senders wait for; processing has the spool to queue in. Under load
     # the listeners' process gets the CPU first.
     os.nice(10)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    stop, wake = threading.Event(), threading.Event()
+    threading.Thread(target=_listen_for_wakes, args=(wakes, stop, wake), daemon=True).start()
     make = lambda: build_app(settings, environ=environ)  # noqa: E731 - one App per thread
-    halt = threading.Event()
-    sender = threading.Thread(target=_logged("outbox", lambda: _send(make, halt)), name="outbox")
+    sender = threading.Thread(target=_logged("outbox", lambda: _send(make, stop)), name="outbox")
     sender.start()
     try:
         _process(make, stop, wake)
     finally:
-        halt.set()
+        stop.set()
         sender.join(30)
+
+
+def _listen_for_wakes(wakes: Connection, stop: threading.Event, wake: threading.Event) -> None:
+    try:
+        while True:
+            wakes.recv_bytes()
+            wake.set()
+    except (EOFError, OSError):  # the parent closed its end, or is gone
+        stop.set()
+        wake.set()
 
 
 def run(settings: Settings, environ: Mapping[str, str]) -> None:
@@ -104,26 +142,28 @@ def run(settings: Settings, environ: Mapping[str, str]) -> None:
     log.info("recovery: %d accepted mails processed", len(recovered))
     worker = Worker(settings, environ).start()
     try:
-        asyncio.run(_serve(settings, environ, worker.wake.set))
+        asyncio.run(_serve(settings, environ, worker))
     finally:
         worker.join()
     log.info("ecr-gateway stopped")
 
 
-async def _serve(settings: Settings, environ: Mapping[str, str], wake: Callable[[], None]) -> None:
+async def _serve(settings: Settings, environ: Mapping[str, str], worker: Worker) -> None:
     make = lambda: build_app(settings, environ=environ)  # noqa: E731 - one App per thread
+    watching = asyncio.create_task(worker.watch())
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     listeners = Listeners()
     try:  # a listener that cannot start (a port taken) stops the ones started before it
-        await _listen(settings, environ, make, wake, listeners)
+        await _listen(settings, environ, make, worker.wake, listeners)
         log.info("ecr-gateway serving: %s", "; ".join(listeners.summary))
         await stopping.wait()
         log.info("stopping: no new connections; in-flight sessions get %.0fs", SHUTDOWN_GRACE)
     finally:
         await listeners.close()
+        watching.cancel()
 
 
 @dataclass
@@ -208,23 +248,7 @@ def _tls(cert: str, key: str) -> ssl.SSLContext | None:
     return context
 
 
-def _die_with(parent: int, stop: EventLike, wake: EventLike) -> None:
-    """A `serve` killed with SIGKILL cannot stop its worker: the worker watches for that and
-    stops itself (mid-transaction is safe: SQLite rolls back), so no orphan keeps working."""
-
-    def watch() -> None:
-        while not stop.is_set():
-            if os.getppid() != parent:
-                log.warning("serve is gone; worker stopping")
-                stop.set()
-                wake.set()
-                return
-            time.sleep(0.5)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-def _process(make: Callable[[], App], stop: EventLike, wake: EventLike) -> None:
+def _process(make: Callable[[], App], stop: threading.Event, wake: threading.Event) -> None:
     """The spool processor: wakes on each accepted batch, and every second regardless."""
     app = make()
     try:

@@ -14,9 +14,14 @@ from pathlib import Path
 
 class Served:
     def __init__(
-        self, data_dir: Path, env: dict[str, str] | None = None, config: Path | None = None
+        self,
+        data_dir: Path,
+        env: dict[str, str] | None = None,
+        config: Path | None = None,
+        new_group: bool = False,
     ) -> None:
         self.data_dir = data_dir
+        self.new_group = new_group  # serve leads a process group of its own
         self.env = {
             **os.environ,
             "ECR_GATEWAY_GATEWAY__DATA_DIR": str(data_dir),
@@ -40,6 +45,7 @@ class Served:
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
+            start_new_session=self.new_group,
         )
         threading.Thread(target=self._read, daemon=True).start()
         deadline = time.monotonic() + timeout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import smtplib
 import socket
 import sqlite3
@@ -202,3 +204,38 @@ def test_a_killed_serve_leaves_no_worker_behind(data_dir: Path) -> None:
     alive = [w for w in workers if Path(f"/proc/{w}").exists()
              and "Z" not in Path(f"/proc/{w}/stat").read_text().split()[2]]
     assert not alive, f"orphaned worker processes: {alive}"
+
+
+def worker_of(s: Served) -> int:
+    """The pid of serve's worker process (the one running multiprocessing's spawn_main)."""
+    assert s.proc is not None
+    children = Path(f"/proc/{s.proc.pid}/task/{s.proc.pid}/children").read_text().split()
+    for pid in map(int, children):
+        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return pid
+    raise AssertionError(f"no worker among serve's children {children}")
+
+
+def test_a_worker_killed_by_the_kernel_is_replaced_and_smtp_goes_on(data_dir: Path) -> None:
+    s = Served(data_dir, LIMITS).start()
+    try:
+        first = worker_of(s)
+        os.kill(first, signal.SIGKILL)  # as the out-of-memory killer would
+        with client(s) as c:  # the 250 must not wait on the dead worker
+            assert c.sendmail("gp@practice.example", ["support@localhost"], mail()) == {}
+        wait_for(lambda: rows(data_dir, "SELECT state FROM inbound") == [("done",)])
+        assert worker_of(s) != first
+        assert any("worker exited with code -9; starting another" in x for x in s.lines)
+    finally:
+        assert s.stop() == 0
+
+
+def test_a_signal_to_the_whole_process_group_stops_serve_cleanly(data_dir: Path) -> None:
+    # What a terminal's ^C and systemd's stop do: every process of the group gets the signal.
+    s = Served(data_dir, LIMITS, new_group=True).start()
+    assert s.proc is not None
+    worker = worker_of(s)
+    os.killpg(s.proc.pid, signal.SIGTERM)
+    assert s.proc.wait(30) == 0, "".join(s.lines[-20:])
+    assert any("ecr-gateway stopped" in line for line in s.lines)
+    assert not Path(f"/proc/{worker}").exists() or "Z" in Path(f"/proc/{worker}/stat").read_text()
