@@ -7,8 +7,10 @@ input by hand, and no step can change what an earlier one decided.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Protocol
 
 
 class Status(enum.StrEnum):
@@ -58,18 +60,32 @@ class Envelope:
     received_at: datetime | None = None
 
 
+class Content(Protocol):
+    """A large attachment's bytes, produced piece by piece each time they are asked for, so
+    that they are never whole in memory."""
+
+    @property
+    def size(self) -> int: ...
+
+    def chunks(self) -> Iterator[bytes]: ...
+
+
 @dataclass(frozen=True)
 class Attachment:
     filename: str  # sanitised display name; never part of a path
     content_type: str
-    data: bytes
+    data: bytes  # b"" when `content` holds the bytes
     sha256: str
     content_id: str = ""  # without brackets; set for inline (cid:) parts
     inline: bool = False
+    content: Content | None = field(default=None, compare=False, repr=False)
 
     @property
     def size(self) -> int:
-        return len(self.data)
+        return self.content.size if self.content is not None else len(self.data)
+
+    def chunks(self) -> Iterator[bytes]:
+        return self.content.chunks() if self.content is not None else iter((self.data,))
 
 
 @dataclass(frozen=True)

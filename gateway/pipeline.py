@@ -228,7 +228,10 @@ class Pipeline:
         if kind.kind not in (Kind.LOOP, Kind.BOUNCE):
             # Files first, outside the write lock: content-addressed, so a retry rewrites nothing.
             for a in mail.attachments:
-                self.blobs.put(a.sha256, a.data)
+                if a.content is None:
+                    self.blobs.put(a.sha256, a.data)
+                else:  # a large one: decoded again from the raw mail as it is written
+                    self.blobs.put_chunks(a.sha256, a.chunks())
         rcpts = [str(r) for r in json.loads(row["rcpt_tos"])]
         now = self.clock()
         with self.records.db.write():

@@ -5,6 +5,10 @@ that the bounds (size, header size, MIME depth, part count, time) are checked be
 walks it; mail-parser then supplies the decoded headers and the defect report. Bodies and
 attachments come from our own walk, because attachment bytes must be the MIME part's decoded
 payload (mail-parser re-encodes them) and an attached mail's text must never become ours.
+
+A mail with a large base64 body is parsed as a skeleton without it (large.py): the attachment's
+bytes are decoded from the raw mail piece by piece, when hashed and again when stored, so they
+never exist whole. Where that cannot give exactly the usual answer, the usual path is taken.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from datetime import UTC, datetime
 
 import mailparser
 
-from gateway.mail import html, reply, tnef
+from gateway.mail import html, large, reply, tnef
 from gateway.mail.names import safe_filename
 from gateway.model import Address, Attachment, Bounce, ParsedMail, Rejection
 
@@ -83,6 +87,8 @@ class Limits:
     max_parts: int = 1000
     parse_timeout: float = 30.0
     reply_languages: tuple[str, ...] = reply.DEFAULT_LANGUAGES
+    # Base64 bodies from this size on are decoded from the raw mail piece by piece (large.py).
+    large_body: int = large.LARGE
 
 
 class _Deadline:
@@ -100,6 +106,18 @@ def parse(raw: bytes, limits: Limits = Limits()) -> ParsedMail | Rejection:
     early = _check_size(raw, limits)
     if early:
         return early
+    found = large.skeleton(raw, limits.large_body)
+    if found is not None:
+        try:
+            return _parse_message(found.data, limits, deadline, _Splicer(raw, found))
+        except _NotSplicable:
+            pass  # a large body the skeleton cannot stand for: the whole mail, the usual way
+    return _parse_message(raw, limits, deadline)
+
+
+def _parse_message(
+    raw: bytes, limits: Limits, deadline: _Deadline, splicer: _Splicer | None = None
+) -> ParsedMail | Rejection:
     try:
         message = email.message_from_bytes(raw)
     except RecursionError:
@@ -109,7 +127,51 @@ def parse(raw: bytes, limits: Limits = Limits()) -> ParsedMail | Rejection:
         return shape
     if deadline.passed():
         return Rejection("parse_timeout", f"parsing took longer than {limits.parse_timeout:g}s")
-    return _ParsedBuilder(message, deadline, limits, raw).build()
+    return _ParsedBuilder(message, deadline, limits, raw, splicer).build()
+
+
+class _NotSplicable(Exception):
+    """A placeholder of the skeleton landed where its bytes cannot be streamed."""
+
+
+class _Splicer:
+    """Puts a skeleton's large bodies back: each placeholder must end in an attachment's payload
+    (not a body text, an attached mail, a preamble) exactly once."""
+
+    def __init__(self, raw: bytes, found: large.Skeleton) -> None:
+        self.raw = raw
+        self.found = found
+        self.used: list[tuple[int, int]] = []
+
+    def holds(self, part: Message) -> bool:
+        payload = _stored_payload(part)
+        return isinstance(payload, str) and self.found.holds(payload)
+
+    def content(self, part: Message) -> tuple[large.Spliced, str]:
+        """The part's decoded bytes, as get_payload(decode=True) would give them, and their
+        sha256; only base64 and untransformed bodies, only ASCII around the placeholders."""
+        cte = str(part.get("content-transfer-encoding", "")).lower()  # as get_payload reads it
+        if cte in ("quoted-printable", "x-uuencode", "uuencode", "uue", "x-uue"):
+            raise _NotSplicable(cte)
+        try:
+            payload = str(_stored_payload(part)).encode("ascii")
+            content = large.spliced(self.raw, payload, self.found, base64=cte == "base64")
+            measured = large.measured(content)
+        except ValueError as exc:  # UnicodeEncodeError, binascii.Error: not plain base64
+            raise _NotSplicable(type(exc).__name__) from None
+        self.used += [p for p in content.pieces if isinstance(p, tuple)]
+        return measured
+
+    def check_all_used(self) -> None:
+        if sorted(self.used) != sorted(self.found.placeholders.values()):
+            raise _NotSplicable("a placeholder outside an attachment")
+
+
+def _stored_payload(part: Message) -> object:
+    """The payload as the parser stored it (8-bit bytes as surrogates): get_payload() would
+    decode those with the declared charset, and could turn them into ASCII (EBCDIC does).
+    mail-parser reads the same attribute."""
+    return getattr(part, "_payload", None)
 
 
 def _check_size(raw: bytes, limits: Limits) -> Rejection | None:
@@ -162,12 +224,18 @@ class _ParsedBuilder:
     """Collects one message's fields; a class only so the walk can share the deadline."""
 
     def __init__(
-        self, message: Message, deadline: _Deadline, limits: Limits, raw: bytes = b""
+        self,
+        message: Message,
+        deadline: _Deadline,
+        limits: Limits,
+        raw: bytes = b"",
+        splicer: _Splicer | None = None,
     ) -> None:
         self.message = message
         self.deadline = deadline
         self.limits = limits
         self.raw = raw
+        self.splicer = splicer
         self.sent_mails: dict[int, bytes] | None = None  # filled on the first attached mail
         self.plain: list[str] = []
         self.html: list[str] = []
@@ -181,6 +249,8 @@ class _ParsedBuilder:
             return Rejection(
                 "parse_timeout", f"parsing took longer than {self.limits.parse_timeout:g}s"
             )
+        if self.splicer is not None:
+            self.splicer.check_all_used()
         sender, trusted, why = identity(self.message)
         body = self._body()
         return ParsedMail(
@@ -227,6 +297,9 @@ class _ParsedBuilder:
             return
         if ctype == "message/delivery-status" or ctype == "text/rfc822-headers":
             return  # read by _bounce; a report's parts are not the sender's words
+        if self.splicer is not None and self.splicer.holds(part):
+            self._attach_spliced(part, ctype, self.splicer)
+            return
         data = _payload_bytes(part)
         if tnef.is_tnef(ctype, part.get_filename()):
             self._attach_tnef(part, data)
@@ -248,7 +321,28 @@ class _ParsedBuilder:
         sent = self.sent_mails.get(id(part))
         return sent if sent is not None else _attached_mail_bytes(part)
 
-    def _attach(self, part: Message, data: bytes, ctype: str, default: str = "") -> None:
+    def _attach_spliced(self, part: Message, ctype: str, splicer: _Splicer) -> None:
+        """A large body put back from the raw mail; only a plain attachment's, else the whole
+        mail is parsed the usual way. Only `Content-Disposition: attachment`: mail-parser
+        decodes any other part as text to report charset defects, which depend on its bytes."""
+        if (
+            part.get_content_disposition() != "attachment"
+            or tnef.is_tnef(ctype, part.get_filename())
+            or _is_body_text(part)
+        ):
+            raise _NotSplicable(ctype)
+        content, sha256 = splicer.content(part)
+        self._attach(part, b"", ctype, content=content, sha256=sha256)
+
+    def _attach(
+        self,
+        part: Message,
+        data: bytes,
+        ctype: str,
+        default: str = "",
+        content: large.Spliced | None = None,
+        sha256: str = "",
+    ) -> None:
         cid = (part.get("Content-ID") or "").strip().strip("<>")
         disposition = (part.get_content_disposition() or "").lower()
         name = safe_filename(header_text(_filename(part)), ctype, default)
@@ -257,9 +351,10 @@ class _ParsedBuilder:
                 filename=name,
                 content_type=ctype,
                 data=data,
-                sha256=hashlib.sha256(data).hexdigest(),
+                sha256=sha256 or hashlib.sha256(data).hexdigest(),
                 content_id=clean_line(cid)[:250],
                 inline=bool(cid) and disposition != "attachment",
+                content=content,
             )
         )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 TMP = "tmp"
@@ -221,6 +221,27 @@ class Blobs:
         target = self.path(sha256)
         if not target.exists():
             write_durably(target, data, self.tmp)
+
+    def put_chunks(self, sha256: str, chunks: Iterable[bytes]) -> None:
+        """A large attachment, written as its pieces are decoded: never whole in memory.
+        Durable as `write_durably` makes a file: temp, fsync, rename, directory fsync."""
+        target = self.path(sha256)
+        if target.exists():
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp / f"{os.getpid()}-{os.urandom(8).hex()}.tmp"
+        try:
+            with open(tmp, "xb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a long-lived worker would not sweep it before a restart
+            raise
+        os.rename(tmp, target)
+        for directory in (target.parent, target.parent.parent, self.root):
+            fsync_dir(directory)
 
     def read(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()
