@@ -139,7 +139,7 @@ def ingest(ctx: click.Context, file: str, sender: str, recipients: tuple[str, ..
             raise Failure(
                 f"not accepted, try later: {type(exc).__name__}: {exc}", EX_TEMPFAIL
             ) from None
-        emit(app.pipeline.finish(accepted).as_json())
+        emit(app.pipeline.finish(accepted, raw).as_json())
 
 
 @cli.command("import")

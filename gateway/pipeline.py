@@ -142,13 +142,19 @@ class Pipeline:
     # --- 2..5 process --------------------------------------------------------------------------
 
     def ingest(self, envelope: Envelope) -> Result:
-        return self.finish(self.accept(envelope))
+        return self.finish(self.accept(envelope), envelope.raw)
 
-    def finish(self, accepted: Accepted) -> Result:
+    def finish(self, accepted: Accepted, raw: bytes | None = None) -> Result:
         """Process an accepted mail: first any mail accepted before it and left waiting (a
-        crashed ingest), so a reply never overtakes the mail it answers."""
+        crashed ingest), so a reply never overtakes the mail it answers. `raw`, the mail as
+        accepted, is parsed as it is instead of being read back from the spool (one copy of
+        a large mail in memory, not two)."""
         self.process_many(self.earlier_than(accepted.inbound_id))
-        return self.process(accepted.inbound_id)
+        if raw is None:
+            return self.process(accepted.inbound_id)
+        limits = self.p.limits
+        (result,) = self.process_many([accepted.inbound_id], lambda _: parse_mod.parse(raw, limits))
+        return result
 
     def earlier_than(self, inbound_id: int) -> list[int]:
         return [i for i in self.records.waiting(EARLIER_LIMIT) if i < inbound_id]

@@ -178,6 +178,19 @@ def test_multipart_cut_off_in_a_nested_part_header_is_read(app: App) -> None:
     assert row(app, result.inbound_id)["failed_step"] is None
 
 
+
+def test_ingest_parses_the_mail_it_holds_without_reading_it_back(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One copy of a 25 MB mail in memory, not two: the spool is for recovery and replay.
+    def no_read_back(name: str) -> bytes:
+        raise AssertionError(f"read {name} back from the spool")
+
+    monkeypatch.setattr(app.pipeline.spool, "read", no_read_back)
+    result = ingest(app, mail())
+    assert result.outcome is Outcome.CREATED
+    assert row(app, result.inbound_id)["failed_step"] is None
+
 # --- attachments --------------------------------------------------------------------------------
 
 
