@@ -53,8 +53,10 @@ class Renderer:
         loaders: list[jinja2.BaseLoader] = [jinja2.FileSystemLoader(str(BUILTIN))]
         if override:
             loaders.insert(0, jinja2.FileSystemLoader(str(override)))
-        self.text_env = _env(loaders, autoescape=False)
-        self.html_env = _env(loaders, autoescape=True)
+        # No auto_reload: the templates `check()` rendered are the ones mails use until the next
+        # start, and no mail pays for a stat of its template files.
+        self.text_env = _env(loaders, autoescape=False, auto_reload=False)
+        self.html_env = _env(loaders, autoescape=True, auto_reload=False)
 
     def render(self, name: str, context: dict[str, Any]) -> Rendered:
         text = self.text_env.get_template(f"mail/{name}.txt").render(context)
@@ -107,11 +109,14 @@ class PageRenderer:
                 raise TemplateProblem(f"template pages/{name}: {exc.message or exc}") from None
 
 
-def _env(loaders: list[jinja2.BaseLoader], autoescape: bool) -> jinja2.Environment:
+def _env(
+    loaders: list[jinja2.BaseLoader], autoescape: bool, auto_reload: bool = True
+) -> jinja2.Environment:
     # StrictUndefined: a misspelt variable is an error at the start-up check, not a blank.
     return jinja2.Environment(
         loader=jinja2.ChoiceLoader(loaders),
         autoescape=autoescape,
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
+        auto_reload=auto_reload,
     )

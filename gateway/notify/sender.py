@@ -3,7 +3,10 @@
 4xx replies and connection errors are retried with exponential backoff for
 `outbound.retry_hours`; a 5xx fails the row at once, with a note on the ECR. A row is marked
 sent only after the relay accepted it, so a crash in between sends it again, with the same
-Message-ID (at most one duplicate, which mail clients fold together).
+Message-ID and the same bytes (a duplicate, which mail clients fold together).
+
+Rows go in batches of `batch_size`: rendered together, sent, then the accepted ones marked sent
+in one commit. A crash therefore resends at most one batch.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from gateway.store.records import from_iso
 
 log = logging.getLogger(__name__)
 
+BATCH_SIZE = 50  # the most mails a crash can send twice
+
 
 class Sender:
     def __init__(
@@ -29,19 +34,22 @@ class Sender:
         clock: Callable[[], datetime],
         retry_hours: int,
         message: Callable[[str], bytes],
+        batch_size: int = BATCH_SIZE,
     ) -> None:
         self.outbox = outbox
         self.transport = transport
         self.clock = clock
         self.give_up_after = timedelta(hours=retry_hours)
         self.message = message  # an outbox row's spec -> the mail's bytes
+        self.batch_size = batch_size
 
     def run_once(self, limit: int = 100) -> int:
         """Send what is due now; returns how many were delivered."""
+        rows = self.outbox.due(self.clock(), limit)
         delivered = 0
         try:
-            for row in self.outbox.due(self.clock(), limit):
-                delivered += self._deliver(row)
+            for start in range(0, len(rows), self.batch_size):
+                delivered += self._send_batch(rows[start : start + self.batch_size])
         finally:
             self.transport.close()
         return delivered
@@ -56,26 +64,44 @@ class Sender:
             if not sent:
                 stop.wait(interval)
 
-    def _deliver(self, row: Row) -> int:
-        outbox_id = int(row["id"])
+    def _send_batch(self, rows: list[Row]) -> int:
+        """Render all, then send all: each step runs with its own code and data hot in the CPU
+        caches, instead of the two evicting each other once per mail. One commit marks the
+        accepted rows sent, also when a row broke the loop: what the relay took must not go
+        twice."""
+        mails = [(row, self._render(row)) for row in rows]
+        accepted: list[int] = []
         try:
-            raw = self.message(row["spec"])
+            for row, raw in mails:
+                if raw is not None and self._send(row, raw):
+                    accepted.append(int(row["id"]))
+        finally:
+            self.outbox.sent(accepted, self.clock())
+        return len(accepted)
+
+    def _render(self, row: Row) -> bytes | None:
+        try:
+            return self.message(row["spec"])
         except Exception as exc:  # a template that broke after the start-up check
-            self.outbox.failed(outbox_id, f"cannot be rendered: {type(exc).__name__}", self.clock())
-            log.error("outbox %d cannot be rendered: %s", outbox_id, type(exc).__name__)
-            return 0
+            name = type(exc).__name__
+            self.outbox.failed(int(row["id"]), f"cannot be rendered: {name}", self.clock())
+            log.error("outbox %d cannot be rendered: %s", row["id"], name)
+            return None
+
+    def _send(self, row: Row, raw: bytes) -> bool:
+        """True when the relay accepted the mail; the caller marks the row sent."""
+        outbox_id = int(row["id"])
         try:
             self.transport.send(row["envelope_from"], row["recipient"], raw)
         except PermFail as exc:
             self.outbox.failed(outbox_id, str(exc), self.clock())
             log.warning("outbox %d to %s refused for good: %s", outbox_id, row["recipient"], exc)
-            return 0
+            return False
         except TempFail as exc:
             self._later(outbox_id, row, str(exc))
-            return 0
-        self.outbox.sent(outbox_id, self.clock())
+            return False
         log.info("outbox %d sent to %s", outbox_id, row["recipient"])
-        return 1
+        return True
 
     def _later(self, outbox_id: int, row: Row, error: str) -> None:
         now = self.clock()
