@@ -9,6 +9,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from email.message import EmailMessage
+from email.policy import compat32
 from pathlib import Path
 
 import pytest
@@ -433,6 +434,24 @@ def test_long_subjects_are_folded_within_78_characters(
     assert max(len(line) for line in head) <= 78
     subject = str(relay.captured[0].message["Subject"])
     assert subject.startswith(f"[{ref}] {words} {words}") and len(subject) <= 200
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Dr A <gp@practice.example>",
+        "  spaced  out ; with, separators = ?",
+        "x" * 67,  # "Subject: " + 67 = 76: fits
+        "x" * 70,  # 79: must be left to the library's folding
+        "<a@b.example> " * 8,
+        "tab\there",
+    ],
+)
+def test_our_header_lines_are_the_email_librarys(value: str) -> None:
+    """Writing a line that fits as it is must give what compat32's folding gives."""
+    assert compose._WIRE.fold_binary("Subject", value) == compat32.clone(
+        linesep="\r\n"
+    ).fold_binary("Subject", value)
 
 
 def test_templates_are_read_once_per_start(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from email.headerregistry import Address as HeaderAddress
 from email.message import EmailMessage
 from email.mime.multipart import MIMEMultipart
 from email.mime.nonmultipart import MIMENonMultipart
-from email.policy import SMTPUTF8, Compat32, compat32
+from email.policy import SMTP, SMTPUTF8, Compat32, EmailPolicy
 from email.utils import format_datetime, formataddr
 from typing import Any
 
@@ -36,30 +36,24 @@ BOUNDARY = "=_ecr_alternative"  # "=_" never occurs in quoted-printable parts
 
 
 class _Wire(Compat32):
-    """compat32 that remembers the header lines it folded. Folding is most of the generator's
-    time, and most of our lines (From, MIME-Version, the parts' Content-Type, ...) are the same
-    in every mail."""
+    """compat32, but a header line that fits is written as it is: the rule of the library's
+    modern policies (refold_source="long"). compat32 runs every value through its Header
+    folding, which was most of the generator's time; only longer values still go there."""
 
     def fold_binary(self, name: str, value: str) -> bytes:
-        if not isinstance(value, str):  # a Header object: folded by the library each time
-            return super().fold_binary(name, value)
-        return _folded((self.linesep, self.max_line_length, self.cte_type), name, value)
+        if isinstance(value, str) and _fits(name, value, self.max_line_length or 998):
+            return _as_is(self.linesep).fold_binary(name, value)
+        return super().fold_binary(name, value)
 
 
-Folding = tuple[str, int | None, str]  # linesep, max_line_length, cte_type
-
-
-@functools.lru_cache(maxsize=1024)
-def _folded(folding: Folding, name: str, value: str) -> bytes:
-    # Keyed on what folding depends on, not on the policy object: the generator clones its
-    # policy for every part.
-    return _policy(folding).fold_binary(name, value)
+def _fits(name: str, value: str, limit: int) -> bool:
+    # Printable ASCII only: no CR or LF that could start a line, nothing to encode.
+    return value.isascii() and value.isprintable() and len(name) + 2 + len(value) <= limit
 
 
 @functools.cache
-def _policy(folding: Folding) -> Compat32:
-    linesep, max_line_length, cte_type = folding
-    return compat32.clone(linesep=linesep, max_line_length=max_line_length, cte_type=cte_type)
+def _as_is(linesep: str) -> EmailPolicy[EmailMessage]:
+    return SMTP.clone(linesep=linesep, refold_source="none")
 
 
 _WIRE = _Wire(linesep="\r\n")  # smtplib sends bytes as they are: CRLF is ours to do
@@ -146,7 +140,7 @@ def _text_part(text: str, subtype: str) -> MIMENonMultipart:
 
 
 def _subject(subject: str) -> str | Header:
-    """Plain ASCII is folded (and remembered) by _Wire; the rest is encoded (RFC 2047). Both
+    """Plain ASCII is written or folded by _Wire; the rest is encoded (RFC 2047). Both
     know the header's name, so the first line stays within 78 characters too."""
     return subject if subject.isascii() else Header(subject, "utf-8", header_name="Subject")
 
