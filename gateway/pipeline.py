@@ -21,6 +21,7 @@ from gateway.mail import match as match_mod
 from gateway.mail import parse as parse_mod
 from gateway.mail import rules
 from gateway.model import (
+    Attachment,
     Classification,
     Envelope,
     Kind,
@@ -32,6 +33,7 @@ from gateway.model import (
     Rung,
 )
 from gateway.notify.notifier import Notifier
+from gateway.store.db import Row
 from gateway.store.files import Blobs, Spool
 from gateway.store.records import Accepted, Arrival, Records
 
@@ -174,16 +176,35 @@ class Pipeline:
         another core); without it, or when it fails, the row is parsed here."""
         if parsed is None:
             return [self.process(i) for i in ids]
+        rows = [(i, self.records.inbound(i)) for i in ids]  # read once: _apply checks again
+        if len(rows) > 1:  # one mail has no one to share a sync with: _apply stores its own
+            self._store_attachments_ahead(rows, parsed)
         results = []
-        for inbound_id in ids:
-            row = self.records.inbound(inbound_id)
+        for inbound_id, row in rows:
             if row is None or row["state"] != "accepted" or row["attempts"] >= INTERRUPTED_LIMIT:
                 results.append(self.process(inbound_id))
                 continue
             self.records.begin_attempt(inbound_id)
-            done = self._attempt(inbound_id, functools.partial(parsed, inbound_id))
+            done = self._attempt(inbound_id, row, functools.partial(parsed, inbound_id))
             results.append(done or self.process(inbound_id))
         return results
+
+    def _store_attachments_ahead(
+        self, rows: Sequence[tuple[int, Row | None]], parsed: Parsed
+    ) -> None:
+        """The attachments `_apply` will store for these mails, stored first and made durable
+        together (one sync for the batch instead of several per file); `_apply` then finds
+        them in place. A mail that failed to parse is left to its attempt."""
+        found: list[tuple[str, bytes]] = []
+        for inbound_id, row in rows:
+            try:
+                mail = parsed(inbound_id)
+            except Exception:
+                continue
+            if row is not None and row["state"] == "accepted" and isinstance(mail, ParsedMail):
+                kept = self._to_store(row, mail)
+                found += [(a.sha256, a.data) for a in kept if a.content is None]
+        self.blobs.put_many(found)
 
     def process(self, inbound_id: int) -> Result:
         """Attempts until an outcome is recorded; the attempt count bounds the loop."""
@@ -196,7 +217,8 @@ class Pipeline:
             if row["attempts"] >= INTERRUPTED_LIMIT:
                 return self._interrupted(inbound_id, row["attempts"])
             self.records.begin_attempt(inbound_id)
-            result = self._attempt(inbound_id, functools.partial(self._read, row["spool_path"]))
+            read = functools.partial(self._read, row["spool_path"])
+            result = self._attempt(inbound_id, row, read)
             if result is not None:
                 return result
 
@@ -206,7 +228,7 @@ class Pipeline:
         return parse_mod.parse(self.spool.read(spool_path), self.p.limits)
 
     def _attempt(
-        self, inbound_id: int, parse: Callable[[], ParsedMail | Rejection]
+        self, inbound_id: int, row: Row, parse: Callable[[], ParsedMail | Rejection]
     ) -> Result | None:
         """One attempt: an outcome, or None when it failed and another attempt is due."""
         step = "parse"
@@ -215,29 +237,26 @@ class Pipeline:
             if isinstance(parsed, Rejection):
                 return self._reject(inbound_id, parsed)
             step = "apply"
-            return self._apply(inbound_id, parsed)
+            return self._apply(inbound_id, row, parsed)
         except Exception as exc:
             return self._failed(inbound_id, step, exc)
 
-    def _apply(self, inbound_id: int, mail: ParsedMail) -> Result:
-        row = self.records.inbound(inbound_id)
-        assert row is not None
-        too_big = [a for a in mail.attachments if a.size > self.p.max_attachment_size]
+    def _apply(self, inbound_id: int, row: Row, mail: ParsedMail) -> Result:
+        """`row` is the inbound row as read before the attempt; only what never changes is
+        taken from it (source, envelope), its state is read again under the write lock."""
+        too_big = self._too_big(mail)
         if too_big:
             return self._reject(
                 inbound_id,
                 Rejection("max_attachment_size", f"an attachment of {too_big[0].size} bytes"),
             )
-        kind = classify_mod.classify(
-            mail, row["source"] == "smtp" and not row["mail_from"], self.p.own
-        )
-        if kind.kind not in (Kind.LOOP, Kind.BOUNCE):
-            # Files first, outside the write lock: content-addressed, so a retry rewrites nothing.
-            for a in mail.attachments:
-                if a.content is None:
-                    self.blobs.put(a.sha256, a.data)
-                else:  # a large one: decoded again from the raw mail as it is written
-                    self.blobs.put_chunks(a.sha256, a.chunks())
+        kind = self._classify(row, mail)
+        # Files first, outside the write lock: content-addressed, so a retry rewrites nothing.
+        for a in self._to_store(row, mail, kind):
+            if a.content is None:
+                self.blobs.put(a.sha256, a.data)
+            else:  # a large one: decoded again from the raw mail as it is written
+                self.blobs.put_chunks(a.sha256, a.chunks())
         rcpts = [str(r) for r in json.loads(row["rcpt_tos"])]
         now = self.clock()
         with self.records.db.write():
@@ -270,6 +289,24 @@ class Pipeline:
             result.reason,
         )
         return result
+
+    def _too_big(self, mail: ParsedMail) -> list[Attachment]:
+        return [a for a in mail.attachments if a.size > self.p.max_attachment_size]
+
+    def _classify(self, row: Row, mail: ParsedMail) -> Classification:
+        return classify_mod.classify(
+            mail, row["source"] == "smtp" and not row["mail_from"], self.p.own
+        )
+
+    def _to_store(
+        self, row: Row, mail: ParsedMail, kind: Classification | None = None
+    ) -> tuple[Attachment, ...]:
+        """The attachments a mail keeps: none when it is rejected for one's size, or is a
+        loop or a bounce (whatever a bounce attaches is our own mail coming back)."""
+        if self._too_big(mail):
+            return ()
+        kind = kind if kind is not None else self._classify(row, mail)
+        return () if kind.kind in (Kind.LOOP, Kind.BOUNCE) else mail.attachments
 
     def _match(
         self, mail: ParsedMail, kind: Classification, rcpts: list[str], now: datetime

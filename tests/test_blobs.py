@@ -1,0 +1,59 @@
+"""The attachment store's batch write, and an import batch storing its attachments through it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from gateway.app import App
+from gateway.inbound import files
+from gateway.store.files import Blobs
+from tests.conftest import mail
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_put_many_stores_each_once_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    blobs = Blobs(tmp_path / "attachments")
+    blobs.put(sha(b"old"), b"old")
+    items = [(sha(d), d) for d in (b"one", b"two", b"old", b"one")]
+    blobs.put_many(items)
+    for digest, data in items:
+        assert blobs.read(digest) == data
+    assert not list(blobs.tmp.iterdir())
+
+
+def test_put_many_failing_midway_leaves_no_file_behind(tmp_path: Path) -> None:
+    blobs = Blobs(tmp_path / "attachments")
+    with pytest.raises(TypeError):
+        blobs.put_many([(sha(b"one"), b"one"), ("ab" * 32, "not bytes")])  # type: ignore[list-item]
+    assert not blobs.path(sha(b"one")).exists()
+    assert not list(blobs.tmp.iterdir())
+
+
+def with_attachment(sender: str, data: bytes) -> bytes:
+    return mail("Log", "See the log.", sender,
+                attachments=[("log.bin", "application/octet-stream", data)])
+
+
+def test_an_import_batch_stores_the_attachments_it_keeps(app: App, tmp_path: Path) -> None:
+    folder = tmp_path / "old"
+    folder.mkdir()
+    kept = [os.urandom(3000) for _ in range(5)]
+    for i, data in enumerate(kept):
+        (folder / f"{i}.eml").write_bytes(with_attachment(f"gp{i}@practice.example", data))
+    looped = os.urandom(3000)  # from our own address: a loop, which keeps nothing
+    (folder / "9.eml").write_bytes(with_attachment("support@localhost", looped))
+    outcomes = files.run_import(app.pipeline, folder, lambda n: None, batch=4, workers=2)
+    assert (outcomes["created"], outcomes["loop"]) == (5, 1)
+    stored = {r["sha256"] for r in app.db.rows("SELECT sha256 FROM attachments")}
+    assert stored == {sha(d) for d in kept}
+    for data in kept:
+        assert app.blobs.read(sha(data)) == data
+    assert not app.blobs.path(sha(looped)).exists()
+    assert not list(app.blobs.tmp.iterdir())
