@@ -254,7 +254,7 @@ class Records:
         return self.apply(inbound_id, mail, kind, None, plan, now)
 
     def _create_ecr(self, mail: ParsedMail, plan: Plan, now: datetime) -> int:
-        requester = self._contact(mail.sender) if mail.sender else None
+        requester, people = self._upsert_contact(mail.sender) if mail.sender else (None, "")
         ecr_id = self.db.insert(
             "ecrs",
             {
@@ -265,6 +265,9 @@ class Records:
                 "related_to": plan.related_to,
                 "created_at": iso(now),
                 "updated_at": iso(now),
+                # What _refresh_people would write once the requester is its participant,
+                # written with the row: updating it after would index the ECR twice.
+                "people": people,
             },
         )
         by = mail.sender.email if mail.sender else "unknown"
@@ -280,7 +283,7 @@ class Records:
                 f"related to {self.ref(plan.related_to)}: {plan.reason}",
             )
         if requester is not None:
-            self._participant(ecr_id, requester, "requester", now)
+            self._participant(ecr_id, requester, "requester", now)  # people already says so
         self._happened.append(
             Happened(
                 "created",
@@ -333,9 +336,14 @@ class Records:
             self._change_status(ecr_id, plan.new_status, by, plan.reason, now)
         for note in plan.notes:
             self._event(ecr_id, now, "note", None, None, by, note)
-        for address in plan.add_participants if not automatic else ():
+        added = [
             self._participant(ecr_id, self._contact(address), "cc", now)
-        self.db.execute("UPDATE ecrs SET updated_at = ? WHERE id = ?", [iso(now), ecr_id])
+            for address in (plan.add_participants if not automatic else ())
+        ]
+        if any(added):  # once for all of them: each refresh re-indexes the ECR
+            self._refresh_people(ecr_id)
+        if plan.action is not Action.CREATE:  # a new ECR was updated_at now already
+            self.db.execute("UPDATE ecrs SET updated_at = ? WHERE id = ?", [iso(now), ecr_id])
         if plan.action is Action.UPDATE:
             self._happened.append(
                 Happened(
@@ -396,20 +404,25 @@ class Records:
         )
 
     def _contact(self, address: Address) -> int:
-        self.db.execute(
-            "INSERT INTO contacts (email, name) VALUES (?, ?) ON CONFLICT(email) DO UPDATE SET "
-            "name = CASE WHEN excluded.name != '' THEN excluded.name ELSE contacts.name END",
-            [address.email, address.name],
-        )
-        return int(self.db.value("SELECT id FROM contacts WHERE email = ?", [address.email]))
+        return self._upsert_contact(address)[0]
 
-    def _participant(self, ecr_id: int, contact_id: int, role: str, now: datetime) -> None:
+    def _upsert_contact(self, address: Address) -> tuple[int, str]:
+        """The contact's id and its searchable text (as _refresh_people writes it)."""
+        contact_id, name, email = self.db.execute(
+            "INSERT INTO contacts (email, name) VALUES (?, ?) ON CONFLICT(email) DO UPDATE SET "
+            "name = CASE WHEN excluded.name != '' THEN excluded.name ELSE contacts.name END "
+            "RETURNING id, name, email",
+            [address.email, address.name],
+        ).fetchone()
+        return int(contact_id), f"{name} {email}".strip()
+
+    def _participant(self, ecr_id: int, contact_id: int, role: str, now: datetime) -> bool:
+        """Whether the contact was new to the ECR (then its people text wants a refresh)."""
         cur = self.db.execute(
             "INSERT OR IGNORE INTO participants VALUES (?, ?, ?, ?)",
             [ecr_id, contact_id, role, iso(now)],
         )
-        if cur.rowcount:
-            self._refresh_people(ecr_id)
+        return bool(cur.rowcount)
 
     def _refresh_people(self, ecr_id: int) -> None:
         """The searchable names and addresses of an ECR's participants."""
