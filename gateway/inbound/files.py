@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mailbox
+import mmap
 import os
 import re
 from collections import Counter
@@ -39,9 +40,7 @@ def _raws(path: Path) -> Iterator[bytes]:
         for file in sorted(path.rglob("*.eml")):
             yield file.read_bytes()
     elif path.is_file() and _looks_like_mbox(path):
-        mbox = mailbox.mbox(str(path), create=False)
-        for key in mbox.iterkeys():
-            yield mbox.get_bytes(key)
+        yield from _mbox_mails(path)
     elif path.is_file():
         yield path.read_bytes()
     else:
@@ -56,6 +55,23 @@ def _delivery_order(key: str) -> tuple[int, int, str]:
     if seconds.isdigit():
         return int(seconds), int(micro.group(1)) if micro else 0, key
     return 0, 0, key
+
+
+FROM_LINE = re.compile(rb"^From ", re.MULTILINE)
+
+
+def _mbox_mails(path: Path) -> Iterator[bytes]:
+    """The mails of an mbox exactly as `mailbox.mbox` gives them (`get_bytes` of each key), but
+    found by one scan in C: its table of contents reads the file line by line in Python, which
+    cost more than accepting the mails. A mail starts on each line beginning `From `, its body
+    after that line, and ends where the next starts, less the blank line before it if any."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        starts = [m.start() for m in FROM_LINE.finditer(data)]
+        for start, end in zip(starts, [*starts[1:], len(data)], strict=True):
+            blank_before = end - 2 >= start and data[end - 2 : end] == b"\n\n"
+            stop = end - 1 if blank_before else end
+            body = data.find(b"\n", start, stop) + 1 or stop
+            yield data[min(body, stop) : stop]
 
 
 def _looks_like_mbox(path: Path) -> bool:
