@@ -173,18 +173,31 @@ class Pipeline:
 
     def process_many(self, ids: Sequence[int], parsed: Parsed | None = None) -> list[Result]:
         """Rows in order; `parsed(inbound_id)` may hand over a mail parsed elsewhere (on
-        another core); without it, or when it fails, the row is parsed here."""
+        another core); without it, or when it fails, the row is parsed here.
+
+        Several such rows (an import batch) are applied in one transaction, each mail in its
+        own savepoint, after their attachments are stored and their attempts counted in a
+        commit of their own: a crash loses the batch's work, never an attempt's count."""
         if parsed is None:
             return [self.process(i) for i in ids]
         rows = [(i, self.records.inbound(i)) for i in ids]  # read once: _apply checks again
-        if len(rows) > 1:  # one mail has no one to share a sync with: _apply stores its own
-            self._store_attachments_ahead(rows, parsed)
+        if len(rows) == 1:  # one mail: nothing to share a sync or a commit with
+            return self._process_rows(rows, parsed, counted=False)
+        self._store_attachments_ahead(rows, parsed)
+        self.records.begin_attempts([i for i, row in rows if _ready(row)])
+        with self.records.db.write():
+            return self._process_rows(rows, parsed, counted=True)
+
+    def _process_rows(
+        self, rows: Sequence[tuple[int, Row | None]], parsed: Parsed, counted: bool
+    ) -> list[Result]:
         results = []
         for inbound_id, row in rows:
-            if row is None or row["state"] != "accepted" or row["attempts"] >= INTERRUPTED_LIMIT:
+            if row is None or not _ready(row):
                 results.append(self.process(inbound_id))
                 continue
-            self.records.begin_attempt(inbound_id)
+            if not counted:
+                self.records.begin_attempt(inbound_id)
             done = self._attempt(inbound_id, row, functools.partial(parsed, inbound_id))
             results.append(done or self.process(inbound_id))
         return results
@@ -372,6 +385,11 @@ class Pipeline:
         if swept:
             log.info("removed %d temporary files left by a crash", swept)
         return self.process_waiting()
+
+
+def _ready(row: Row | None) -> bool:
+    """An accepted row with starts to spare: its mail may be attempted."""
+    return row is not None and row["state"] == "accepted" and row["attempts"] < INTERRUPTED_LIMIT
 
 
 def _outcome(kind: Classification) -> Outcome:

@@ -27,6 +27,7 @@ class Database:
         conn = sqlite3.connect(str(path), isolation_level=None, timeout=60)
         self.db = sqlite_utils.Database(conn)
         self.conn = conn
+        self._savepoints = 0
         self.execute("PRAGMA journal_mode=WAL")
         self.execute("PRAGMA foreign_keys=ON")
         self.execute("PRAGMA busy_timeout=60000")
@@ -65,7 +66,15 @@ class Database:
 
     @contextmanager
     def write(self, durable: bool = False) -> Iterator[None]:
-        """One write transaction; `durable` commits with synchronous=FULL (acceptance, §7)."""
+        """One write transaction; `durable` commits with synchronous=FULL (acceptance, §7).
+        Inside another one (a batch applied in one commit) it is a savepoint of it: its
+        changes are undone alone on an error, and committed with the rest."""
+        if self.conn.in_transaction:
+            if durable:
+                raise RuntimeError("a durable write cannot join a transaction in progress")
+            with self._savepoint():
+                yield
+            return
         if durable:
             self.execute("PRAGMA synchronous=FULL")
         self.execute("BEGIN IMMEDIATE")
@@ -79,6 +88,20 @@ class Database:
         finally:
             if durable:
                 self.execute("PRAGMA synchronous=NORMAL")
+
+    @contextmanager
+    def _savepoint(self) -> Iterator[None]:
+        self._savepoints += 1
+        name = f"write_{self._savepoints}"
+        self.execute(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            self.execute(f"ROLLBACK TO {name}")
+            self.execute(f"RELEASE {name}")
+            raise
+        else:
+            self.execute(f"RELEASE {name}")
 
     @staticmethod
     def quote_fts(text: str) -> str:

@@ -131,6 +131,15 @@ class Records:
         One statement: in autocommit mode it is its own transaction."""
         self.db.execute("UPDATE inbound SET attempts = attempts + 1 WHERE id = ?", [inbound_id])
 
+    def begin_attempts(self, inbound_ids: Sequence[int]) -> None:
+        """`begin_attempt` for a batch, in one statement and one commit."""
+        if inbound_ids:
+            marks = ", ".join("?" for _ in inbound_ids)
+            self.db.execute(
+                f"UPDATE inbound SET attempts = attempts + 1 WHERE id IN ({marks})",
+                list(inbound_ids),
+            )
+
     def fail(self, inbound_id: int, step: str, error: str, quarantine: bool) -> None:
         with self.db.write():
             self.db.execute(

@@ -1,0 +1,81 @@
+"""An import batch applied in one transaction: each mail in its own savepoint, so one that
+fails leaves nothing behind and the others are kept; attempts are counted before the work."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.app import App
+from gateway.inbound import files
+from gateway.model import Classification, Match, ParsedMail, Plan, Result
+from gateway.pipeline import Pipeline
+from gateway.store.records import Records
+from tests.conftest import Clock, mail
+
+
+class FlakyRecords(Records):
+    """Raises after writing all of the mail with subject `subject`, its first `times` times."""
+
+    def __init__(self, app: App, subject: str, times: int) -> None:
+        super().__init__(app.db, app.records.prefix, app.records.width)
+        self.subject, self.times, self.failures = subject, times, 0
+
+    def apply(self, inbound_id: int, mail: ParsedMail, kind: Classification,
+              found: Match | None, plan: Plan, now: datetime) -> Result:
+        result = super().apply(inbound_id, mail, kind, found, plan, now)
+        if mail.subject == self.subject and self.failures < self.times:
+            self.failures += 1
+            raise RuntimeError("the disk caught fire")
+        return result
+
+
+def import_three(app: App, clock: Clock, tmp_path: Path, times: int) -> dict[str, Any]:
+    folder = tmp_path / "old"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        (folder / f"{name}.eml").write_bytes(
+            mail(f"Case {name}", "Broken.", f"Dr {name} <{name}@practice.example>"))
+    flaky = FlakyRecords(app, "Case b", times)
+    pipeline = Pipeline(flaky, app.spool, app.blobs, app.pipeline.p, app.pipeline.notifier, clock)
+    outcomes = files.run_import(pipeline, folder, lambda n: None, batch=3, workers=2)
+    b = app.db.row("SELECT * FROM inbound ORDER BY id LIMIT 1 OFFSET 1")  # a, b, c in order
+    assert b is not None
+    return {"outcomes": outcomes, "b": b,
+            "ecrs": app.db.value("SELECT COUNT(*) FROM ecrs"),
+            "contacts": app.db.value("SELECT COUNT(*) FROM contacts"),
+            "updates": app.db.value("SELECT COUNT(*) FROM updates")}
+
+
+def test_a_mail_failing_once_in_a_batch_is_applied_once_on_its_retry(
+    app: App, clock: Clock, tmp_path: Path
+) -> None:
+    got = import_three(app, clock, tmp_path, times=1)
+    assert got["outcomes"]["created"] == 3
+    assert (got["ecrs"], got["contacts"], got["updates"]) == (3, 3, 3)
+    assert (got["b"]["state"], got["b"]["attempts"]) == ("done", 2)
+
+
+def test_a_mail_failing_for_good_leaves_nothing_and_the_batch_is_kept(
+    app: App, clock: Clock, tmp_path: Path
+) -> None:
+    got = import_three(app, clock, tmp_path, times=3)
+    assert (got["outcomes"]["created"], got["outcomes"]["quarantined"]) == (2, 1)
+    assert (got["ecrs"], got["contacts"], got["updates"]) == (2, 2, 2)
+    assert (got["b"]["state"], got["b"]["failed_step"], got["b"]["attempts"]) == (
+        "quarantined", "apply", 3)
+
+
+def test_a_write_inside_a_write_is_undone_alone(app: App) -> None:
+    db = app.db
+    with db.write():
+        db.execute("INSERT INTO health_probe VALUES (1, 'outer')")
+        with pytest.raises(RuntimeError), db.write():
+            db.execute("UPDATE health_probe SET at = 'inner'")
+            raise RuntimeError("undo me")
+        with pytest.raises(RuntimeError, match="durable"), db.write(durable=True):
+            pass
+    assert db.value("SELECT at FROM health_probe") == "outer"
