@@ -11,6 +11,7 @@ import pytest
 
 from gateway.app import App
 from gateway.inbound import files
+from gateway.mail import parse
 from gateway.model import Classification, Match, ParsedMail, Plan, Result
 from gateway.pipeline import Pipeline
 from gateway.store.records import Records
@@ -79,3 +80,23 @@ def test_a_write_inside_a_write_is_undone_alone(app: App) -> None:
         with pytest.raises(RuntimeError, match="durable"), db.write(durable=True):
             pass
     assert db.value("SELECT at FROM health_probe") == "outer"
+
+
+def test_a_mail_that_raises_in_the_pool_fails_alone() -> None:
+    good = mail("Printer", "Broken.")
+    got = files._parse_each([good, None, good], parse.Limits())  # type: ignore[list-item]
+    assert isinstance(got[0], ParsedMail) and isinstance(got[2], ParsedMail)
+    assert isinstance(got[1], TypeError)
+
+
+def test_an_import_parsed_a_few_mails_a_task_keeps_their_order(
+    app: App, tmp_path: Path
+) -> None:
+    folder = tmp_path / "old"
+    folder.mkdir()
+    subjects = [f"Case {n:02d}" for n in range(files.PER_TASK * 2 + 3)]
+    for n, subject in enumerate(subjects):
+        (folder / f"{n:02d}.eml").write_bytes(mail(subject, "Broken."))
+    files.run_import(app.pipeline, folder, lambda n: None, batch=files.PER_TASK + 7, workers=2)
+    rows = app.db.rows("SELECT subject FROM ecrs ORDER BY id")
+    assert [r["subject"] for r in rows] == subjects

@@ -8,7 +8,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -139,18 +139,43 @@ class _Parsing:
             if a.duplicate_of is None
         ]
         self.ids = [i for i, _ in fresh]
-        limits = pipeline.p.limits
-        self.futures = (
-            {i: pool.submit(parse.parse, raw, limits) for i, raw in fresh} if pool else {}
-        )
+        # A few mails a task, not one: each task costs the pool's thread in this process a
+        # round of pickling and pipe writes, which competed with applying for this core.
+        self.where: dict[int, tuple[Future[list[Parsed]], int]] = {}
+        for at in range(0, len(fresh), PER_TASK):
+            if pool is None:
+                break
+            part = fresh[at : at + PER_TASK]
+            future = pool.submit(_parse_each, [raw for _, raw in part], pipeline.p.limits)
+            self.where.update((i, (future, k)) for k, (i, _) in enumerate(part))
 
     def apply(self, outcomes: Counter[str]) -> None:
-        parsed = self._parsed if self.futures else None
+        parsed = self._parsed if self.where else None
         for result in self.pipeline.process_many(self.ids, parsed):
             outcomes[str(result.outcome)] += 1
 
     def _parsed(self, inbound_id: int) -> ParsedMail | Rejection:
-        return self.futures[inbound_id].result()
+        future, k = self.where[inbound_id]
+        got = future.result()[k]
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+
+PER_TASK = 20
+Parsed = ParsedMail | Rejection | Exception
+
+
+def _parse_each(raws: list[bytes], limits: parse.Limits) -> list[Parsed]:
+    """In a worker: each mail parsed on its own; one that raises hands back its exception, so
+    that its failure is its own and not its neighbours'."""
+    out: list[Parsed] = []
+    for raw in raws:
+        try:
+            out.append(parse.parse(raw, limits))
+        except Exception as exc:
+            out.append(exc)
+    return out
 
 
 @contextmanager
