@@ -205,19 +205,24 @@ class Pipeline:
     def _store_attachments_ahead(
         self, rows: Sequence[tuple[int, Row | None]], parsed: Parsed
     ) -> None:
-        """The attachments `_apply` will store for these mails, stored first and made durable
-        together (one sync for the batch instead of several per file); `_apply` then finds
-        them in place. A mail that failed to parse is left to its attempt."""
-        found: list[tuple[str, bytes]] = []
+        """The attachments `_apply` will store for these mails, stored first, before the
+        batch's transaction holds the write lock: the small ones made durable together (one
+        sync for the batch instead of several per file), the large ones streamed one by one;
+        `_apply` then finds them in place. A mail that failed to parse is left to its attempt."""
+        small: list[tuple[str, bytes]] = []
         for inbound_id, row in rows:
             try:
                 mail = parsed(inbound_id)
             except Exception:
                 continue
-            if row is not None and row["state"] == "accepted" and isinstance(mail, ParsedMail):
-                kept = self._to_store(row, mail)
-                found += [(a.sha256, a.data) for a in kept if a.content is None]
-        self.blobs.put_many(found)
+            if row is None or row["state"] != "accepted" or not isinstance(mail, ParsedMail):
+                continue
+            for a in self._to_store(row, mail):
+                if a.content is None:
+                    small.append((a.sha256, a.data))
+                else:
+                    _ahead(self.blobs.put_chunks, a.sha256, a.chunks())
+        _ahead(self.blobs.put_many, small)
 
     def process(self, inbound_id: int) -> Result:
         """Attempts until an outcome is recorded; the attempt count bounds the loop."""
@@ -385,6 +390,15 @@ class Pipeline:
         if swept:
             log.info("removed %d temporary files left by a crash", swept)
         return self.process_waiting()
+
+
+def _ahead(store: Callable[..., None], *args: object) -> None:
+    """Storing ahead is only a head start: a failure (a full disk) is met again, and
+    recorded, by the attempt of the mail concerned."""
+    try:
+        store(*args)
+    except Exception:
+        log.warning("storing attachments ahead failed; each mail's attempt retries its own")
 
 
 def _ready(row: Row | None) -> bool:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from gateway.app import App
 from gateway.inbound import files
+from gateway.pipeline import Pipeline
 from gateway.store.files import Blobs
-from tests.conftest import mail
+from tests.conftest import Clock, mail
 
 
 def sha(data: bytes) -> str:
@@ -57,3 +59,25 @@ def test_an_import_batch_stores_the_attachments_it_keeps(app: App, tmp_path: Pat
         assert app.blobs.read(sha(data)) == data
     assert not app.blobs.path(sha(looped)).exists()
     assert not list(app.blobs.tmp.iterdir())
+
+
+class NoBatchBlobs(Blobs):
+    """A store whose batch write fails (a full disk for a moment); one file at a time works."""
+
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        raise OSError(28, "No space left on device")
+
+
+def test_a_failed_batch_write_leaves_each_mail_to_store_its_own(
+    app: App, clock: Clock, tmp_path: Path
+) -> None:
+    folder = tmp_path / "old"
+    folder.mkdir()
+    kept = [os.urandom(3000) for _ in range(3)]
+    for i, data in enumerate(kept):
+        (folder / f"{i}.eml").write_bytes(with_attachment(f"gp{i}@practice.example", data))
+    blobs = NoBatchBlobs(app.blobs.root)
+    pipeline = Pipeline(app.records, app.spool, blobs, app.pipeline.p, app.pipeline.notifier, clock)
+    assert files.run_import(pipeline, folder, lambda n: None, batch=3, workers=2)["created"] == 3
+    for data in kept:
+        assert app.blobs.read(sha(data)) == data
