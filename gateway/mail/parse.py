@@ -699,7 +699,13 @@ def _defect_categories(message: Message) -> set[str]:
     try:
         parts = list(message.walk())
         views = [mailparser_utils.mime_header_view(p) for p in parts]
-        if _needs_whole_pass(parts, views):
+        # Deciding decodes payloads, and decoding notes defects (InvalidBase64LengthDefect) that
+        # mail-parser, which reads each part's defects before decoding it, never reports.
+        before = [list(p.defects) for p in parts]
+        whole = _needs_whole_pass(parts, views)
+        for part, defects in zip(parts, before, strict=True):
+            part.defects[:] = defects
+        if whole:
             return _whole_pass_categories(message)
         found = _part_defects(parts) | _header_defect_categories(message)
         if any(_mime_header_defects(view, defects) for view, defects in views):
