@@ -99,14 +99,13 @@ class Pipeline:
     def accept_many(self, envelopes: Sequence[Envelope]) -> list[Accepted]:
         """Raw bytes durably in the spool, then the rows in one durable commit; only then may a
         transport acknowledge. Several envelopes share their fsyncs and their commit."""
-        alone = len(envelopes) == 1  # fsynced as it is written: no batch to share a sync with
-        return self.commit_arrivals(self.arrive_many(envelopes, sync=alone), synced=alone)
+        return self.commit_arrivals(self.arrive_many(envelopes))
 
-    def commit_arrivals(self, arrivals: Sequence[Arrival], synced: bool = False) -> list[Accepted]:
+    def commit_arrivals(self, arrivals: Sequence[Arrival]) -> list[Accepted]:
         """The second half of accepting: the spool files made durable (one sync for all of
-        them, unless `synced`), then their rows in one durable commit."""
-        if not synced:
-            self.spool.sync([a.spool_name for a in arrivals])
+        them: a syncfs flushes file and directory entries at once, where fsyncing a lone file
+        and then its directory takes two flushes), then their rows in one durable commit."""
+        self.spool.sync([a.spool_name for a in arrivals])
         accepted = self.records.accept(arrivals)
         for a, arrival in zip(accepted, arrivals, strict=True):
             log.info(
