@@ -13,6 +13,7 @@ import json
 import logging
 import traceback
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -90,11 +91,27 @@ class Pipeline:
         self.p = policies
         self.notifier = notifier
         self.clock = clock
+        self._parser: ThreadPoolExecutor | None = None
+        self._early: tuple[bytes, Future[ParsedMail | Rejection]] | None = None
 
     # --- 1 accept ------------------------------------------------------------------------------
 
     def accept(self, envelope: Envelope) -> Accepted:
-        return self.accept_many([envelope])[0]
+        """One mail, accepted by a process that goes on to process it (`ingest`): it is parsed
+        on a second thread meanwhile, while acceptance waits for the disk (its syncs let go of
+        the GIL), and `finish` takes that parse up instead of parsing again. Parsing is pure:
+        what it finds counts only once the mail is accepted."""
+        self._early = (envelope.raw, self._parse_early(envelope.raw))
+        try:
+            return self.accept_many([envelope])[0]
+        except BaseException:
+            self._early = None
+            raise
+
+    def _parse_early(self, raw: bytes) -> Future[ParsedMail | Rejection]:
+        if self._parser is None:
+            self._parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parse")
+        return self._parser.submit(parse_mod.parse, raw, self.p.limits)
 
     def accept_many(self, envelopes: Sequence[Envelope]) -> list[Accepted]:
         """Raw bytes durably in the spool, then the rows in one durable commit; only then may a
@@ -150,11 +167,15 @@ class Pipeline:
         crashed ingest), so a reply never overtakes the mail it answers. `raw`, the mail as
         accepted, is parsed as it is instead of being read back from the spool (one copy of
         a large mail in memory, not two)."""
+        early, self._early = self._early, None
         self.process_many(self.earlier_than(accepted.inbound_id))
         if raw is None:
             return self.process(accepted.inbound_id)
-        limits = self.p.limits
-        (result,) = self.process_many([accepted.inbound_id], lambda _: parse_mod.parse(raw, limits))
+        if early is not None and early[0] is raw:  # accept() began parsing this very mail
+            parsed = early[1].result
+        else:
+            parsed = functools.partial(parse_mod.parse, raw, self.p.limits)
+        (result,) = self.process_many([accepted.inbound_id], lambda _: parsed())
         return result
 
     def earlier_than(self, inbound_id: int) -> list[int]:

@@ -12,7 +12,7 @@ import pytest
 from gateway.app import App
 from gateway.inbound import files
 from gateway.mail import parse
-from gateway.model import Classification, Match, ParsedMail, Plan, Result
+from gateway.model import Classification, Envelope, Match, ParsedMail, Plan, Result
 from gateway.pipeline import Pipeline
 from gateway.store.records import Records
 from tests.conftest import Clock, mail
@@ -100,3 +100,20 @@ def test_an_import_parsed_a_few_mails_a_task_keeps_their_order(
     files.run_import(app.pipeline, folder, lambda n: None, batch=files.PER_TASK + 7, workers=2)
     rows = app.db.rows("SELECT subject FROM ecrs ORDER BY id")
     assert [r["subject"] for r in rows] == subjects
+
+
+def test_finish_parses_the_mail_it_is_given_not_the_one_parsed_during_acceptance(
+    app: App,
+) -> None:
+    accepted = app.pipeline.accept(Envelope(mail("Accepted"), "ingest", "", ("support@localhost",)))
+    result = app.pipeline.finish(accepted, mail("Handed over"))
+    assert str(result.outcome) == "created"
+    assert app.db.value("SELECT subject FROM ecrs") == "Handed over"
+
+
+def test_a_mail_parsed_during_acceptance_is_processed_from_that_parse(app: App) -> None:
+    raw = mail("Printer", "It prints blank pages.")
+    accepted = app.pipeline.accept(Envelope(raw, "ingest", "", ("support@localhost",)))
+    result = app.pipeline.finish(accepted, raw)
+    assert str(result.outcome) == "created"
+    assert app.db.value("SELECT subject FROM ecrs") == "Printer"

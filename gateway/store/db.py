@@ -91,17 +91,21 @@ class Database:
 
     @contextmanager
     def _savepoint(self) -> Iterator[None]:
+        # Named by depth, not by a count: the same few statements, prepared once and cached.
         self._savepoints += 1
         name = f"write_{self._savepoints}"
-        self.execute(f"SAVEPOINT {name}")
         try:
-            yield
-        except BaseException:
-            self.execute(f"ROLLBACK TO {name}")
-            self.execute(f"RELEASE {name}")
-            raise
-        else:
-            self.execute(f"RELEASE {name}")
+            self.execute(f"SAVEPOINT {name}")
+            try:
+                yield
+            except BaseException:
+                self.execute(f"ROLLBACK TO {name}")
+                self.execute(f"RELEASE {name}")
+                raise
+            else:
+                self.execute(f"RELEASE {name}")
+        finally:
+            self._savepoints -= 1
 
     @staticmethod
     def quote_fts(text: str) -> str:
