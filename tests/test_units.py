@@ -3,6 +3,8 @@ status-rule helpers, classification and settings."""
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -540,3 +542,51 @@ def test_a_span_past_the_end_of_its_spool_file_is_an_error_not_a_short_mail(
     assert not spool.exists(names[1])
     with pytest.raises(OSError, match="shorter"):
         spool.read(names[1])
+
+
+# --- store: waiting for another connection's write ---------------------------------------------
+
+
+def test_a_write_waits_for_another_connections_write_and_then_commits(tmp_path: Path) -> None:
+    from gateway.store.db import Database
+
+    ours = Database(tmp_path / "g.db")
+    locked = threading.Event()
+
+    def their_write() -> None:  # a connection belongs to its thread
+        theirs = Database(tmp_path / "g.db", migrate=False)
+        with theirs.write():
+            theirs.execute("INSERT INTO contacts (email) VALUES ('first@p.example')")
+            locked.set()
+            time.sleep(0.2)
+        theirs.close()
+
+    other = threading.Thread(target=their_write)
+    other.start()
+    assert locked.wait(10)
+    with ours.write():  # begins only once their write has committed
+        ours.execute("INSERT INTO contacts (email) VALUES ('second@p.example')")
+    other.join()
+    emails = [r["email"] for r in ours.rows("SELECT email FROM contacts ORDER BY id")]
+    assert emails == ["first@p.example", "second@p.example"]
+    ours.close()
+
+
+def test_a_write_that_waits_longer_than_its_wait_raises_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    import sqlite3
+
+    from gateway.store.db import Database
+
+    ours, theirs = Database(tmp_path / "g.db"), Database(tmp_path / "g.db", migrate=False)
+    theirs.execute("BEGIN IMMEDIATE")
+    with pytest.raises(sqlite3.OperationalError, match="locked"), ours.write(True, wait=0.05):
+        ours.execute("INSERT INTO contacts (email) VALUES ('x@p.example')")
+    theirs.execute("ROLLBACK")
+    assert not ours.conn.in_transaction
+    assert ours.value("PRAGMA synchronous") == 1  # NORMAL again after the failed durable write
+    assert ours.value("PRAGMA busy_timeout") == 60000  # plain reads still wait as before
+    assert ours.value("SELECT COUNT(*) FROM contacts") == 0
+    ours.close()
+    theirs.close()

@@ -15,7 +15,7 @@ from gateway.store.db import Database, Row
 from gateway.store.records import from_iso, iso
 
 INFINITY = 1e308  # the last latency bucket's bound in table metric_latency (migration 5)
-PROBE_TIMEOUT_MS = 5000  # a store locked this long by another writer counts as not writable
+PROBE_TIMEOUT_S = 5.0  # a store locked this long by another writer counts as not writable
 
 
 @dataclass(frozen=True)
@@ -48,16 +48,12 @@ class Ops:
 
     def probe_write(self, now: datetime) -> None:
         """A real write and commit: raises when the database cannot take one."""
-        self.db.execute(f"PRAGMA busy_timeout={PROBE_TIMEOUT_MS}")
-        try:
-            with self.db.write():
-                self.db.execute(
-                    "INSERT INTO health_probe (id, at) VALUES (1, ?) "
-                    "ON CONFLICT (id) DO UPDATE SET at = excluded.at",
-                    [iso(now)],
-                )
-        finally:
-            self.db.execute("PRAGMA busy_timeout=60000")
+        with self.db.write(wait=PROBE_TIMEOUT_S):
+            self.db.execute(
+                "INSERT INTO health_probe (id, at) VALUES (1, ?) "
+                "ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+                [iso(now)],
+            )
 
     def backlog(self) -> Backlog:
         outbox = {
