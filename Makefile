@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/outbox.py
 	$(BIN)/python bench/smtp.py
+	$(BIN)/python bench/imap.py
 	$(BIN)/python bench/web.py
 
 clean:
