@@ -13,7 +13,7 @@ from mailparser.utils import mime_header_view
 
 from gateway.mail import parse
 from tests.conftest import FIXTURES, mail
-from tests.test_property import BASES, FAST, MUTATIONS
+from tests.test_property import FAST, mutated
 
 CORPUS = sorted(FIXTURES.rglob("*.eml"))
 
@@ -72,9 +72,7 @@ def test_a_plain_mail_is_answered_without_the_whole_pass() -> None:
 @FAST
 @given(st.data())
 def test_mutated_mails_report_mail_parsers_defects(data: st.DataObject) -> None:
-    raw = data.draw(st.sampled_from(BASES), label="base")
-    for _ in range(data.draw(st.integers(1, 3), label="rounds")):
-        raw = data.draw(st.sampled_from(MUTATIONS), label="mutation")(data, raw)
+    raw = mutated(data)
     msg = email.message_from_bytes(raw)
     if parse._check_shape(msg, parse.Limits()) is None:
         assert_same(raw)
