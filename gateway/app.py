@@ -14,6 +14,7 @@ from gateway.mail import classify, rules
 from gateway.mail.parse import Limits
 from gateway.notify import plan
 from gateway.notify.notifier import Identity, Notifier
+from gateway.notify.pool import RenderPool
 from gateway.notify.render import Renderer
 from gateway.notify.sender import Sender
 from gateway.notify.transport import MaildirSink, RelayConfig, SmtpRelay, Transport
@@ -47,8 +48,9 @@ class App:
     def close(self) -> None:
         self.db.close()
 
-    def sender(self) -> Sender:
-        """An outbox sender with its own connection, for its own thread (sqlite3 rule)."""
+    def sender(self, pool: RenderPool | None = None) -> Sender:
+        """An outbox sender with its own connection, for its own thread (sqlite3 rule);
+        `pool` renders bursts on a second core (what `serve` does)."""
         o = self.settings.outbound
         transport: Transport
         if o.relay_host:
@@ -64,7 +66,13 @@ class App:
         else:
             transport = MaildirSink(self.settings.data_dir / "sent")
         db = Database(self.settings.data_dir / "gateway.db")
-        return Sender(Outbox(db), transport, self.clock, o.retry_hours, self.notifier.message)
+        return Sender(
+            Outbox(db), transport, self.clock, o.retry_hours, self.notifier.message, pool=pool
+        )
+
+    def render_pool(self) -> RenderPool:
+        """A process that renders with the same templates as this app."""
+        return RenderPool(templates_folder(self.settings))
 
 
 def build_app(
@@ -81,7 +89,7 @@ def build_app(
     records = Records(db, g.ref_prefix, g.ref_width)
     spool, blobs = Spool(data / "spool"), Blobs(data / "attachments")
     outbox = Outbox(db)
-    renderer = Renderer(Path(settings.templates.folder) if settings.templates.folder else None)
+    renderer = Renderer(templates_folder(settings))
     notifier = Notifier(
         outbox,
         renderer,
@@ -111,6 +119,10 @@ def build_app(
         clock=clock,
         environ=dict(environ or {}),
     )
+
+
+def templates_folder(settings: Settings) -> Path | None:
+    return Path(settings.templates.folder) if settings.templates.folder else None
 
 
 def identity(settings: Settings, instance_id: str) -> Identity:

@@ -58,7 +58,7 @@ class Worker:
         process = self.context.Process(
             target=_worker_main,
             name="ecr-worker",
-            daemon=True,
+            daemon=False,  # it has a child of its own (the rendering process); it stops on EOF
             args=(self.settings, self.environ, reader),
         )
         process.start()
@@ -267,9 +267,11 @@ def _process(make: Callable[[], App], stop: threading.Event, wake: threading.Eve
 
 def _send(make: Callable[[], App], stop: threading.Event) -> None:
     app = make()
+    pool = app.render_pool()
     try:
-        app.sender().run(stop)
+        app.sender(pool).run(stop)
     finally:
+        pool.close()
         app.close()
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from email.message import EmailMessage
 from email.policy import compat32
 from pathlib import Path
@@ -17,6 +22,7 @@ import pytest
 from gateway.app import App, build_app
 from gateway.model import Status
 from gateway.notify import compose
+from gateway.notify.pool import Rendered, RenderPool
 from gateway.notify.render import SAMPLE, Renderer
 from gateway.notify.sender import Sender
 from gateway.notify.transport import Transport
@@ -180,6 +186,7 @@ from gateway.app import build_app
 from gateway.config import load_settings
 from gateway.notify.transport import SmtpRelay, RelayConfig
 from gateway.notify import compose
+from gateway.notify.pool import Rendered, RenderPool
 from gateway.notify.render import SAMPLE, Renderer
 from gateway.notify.sender import Sender
 from gateway.notify.transport import Transport
@@ -543,3 +550,111 @@ def test_imported_history_sends_no_mail(napp: App, sender: Sender, relay: Relay,
     outcomes = files.run_import(napp.pipeline, folder, lambda n: None, workers=1)
     assert outcomes["created"] == 1
     assert sender.run_once() == 0 and relay.captured == []
+
+
+# --- rendering in a process of its own -------------------------------------------------------
+
+
+class CountingPool(RenderPool):
+    """Our pool, counting the mails it was asked to render."""
+
+    rendered = 0
+
+    def render(self, specs: list[str]) -> Future[list[Rendered]]:
+        self.rendered += len(specs)
+        return super().render(specs)
+
+
+@pytest.fixture
+def pool(napp: App) -> Iterator[CountingPool]:
+    p = CountingPool(None)
+    yield p
+    p.close()
+
+
+def acknowledgements(app: App, n: int) -> list[dict[str, str]]:
+    for k in range(n):
+        new_ecr(app, subject=f"Problem {k}", sender=f"p{k}@practice.example")
+    return app.db.rows("SELECT id, message_id, spec FROM outbox ORDER BY id")
+
+
+def test_a_burst_rendered_in_the_pool_arrives_once_each_as_rendered_here(
+    napp: App, relay: Relay, pool: CountingPool
+) -> None:
+    rows = acknowledgements(napp, 7)
+    sender = napp.sender(pool)
+    sender.batch_size = 2  # four batches: the first rendered here, the other three there
+    assert sender.run_once() == 7
+    assert sender.run_once() == 0
+    assert pool.rendered == 5
+    got = {str(c.message["Message-ID"]).strip("<>"): c.data for c in relay.captured}
+    assert len(relay.captured) == 7
+    assert got == {r["message_id"]: napp.notifier.message(r["spec"]) for r in rows}
+
+
+def test_a_mail_that_cannot_be_rendered_there_fails_alone(
+    napp: App, relay: Relay, pool: CountingPool
+) -> None:
+    rows = acknowledgements(napp, 4)
+    spec = json.loads(rows[-1]["spec"])
+    spec["template"] = "no-such-template"
+    napp.db.execute("UPDATE outbox SET spec = ? WHERE id = ?", [json.dumps(spec), rows[-1]["id"]])
+    sender = napp.sender(pool)
+    sender.batch_size = 2
+    assert sender.run_once() == 3 and pool.rendered == 2
+    failed = napp.outbox.listing()[0]
+    assert failed["state"] == "failed" and "cannot be rendered" in failed["last_error"]
+    assert len(relay.captured) == 3
+
+
+def test_a_dead_rendering_process_costs_no_mail(napp: App, relay: Relay) -> None:
+    rows = acknowledgements(napp, 6)
+    before = set(multiprocessing.active_children())
+    pool = CountingPool(None)
+    try:
+        pool.render(["{}"]).result()  # started
+        [process] = set(multiprocessing.active_children()) - before
+        os.kill(process.pid, signal.SIGKILL)  # as the out-of-memory killer would
+        process.join(10)
+        sender = napp.sender(pool)
+        sender.batch_size = 2
+        assert sender.run_once() == 6  # the batches it held rendered here instead
+        assert len({str(c.message["Message-ID"]) for c in relay.captured}) == 6
+        again = pool.render([rows[0]["spec"]]).result(timeout=30)  # in a new process
+        assert again == [napp.notifier.message(rows[0]["spec"])]
+    finally:
+        pool.close()
+
+
+def test_the_rendering_process_ends_with_its_parent(tmp_path: Path) -> None:
+    """A parent killed with SIGKILL leaves no orphan rendering mail for nobody."""
+    script = textwrap.dedent(
+        """
+        import multiprocessing, sys, time
+        from gateway.notify.pool import RenderPool
+        if __name__ == "__main__":
+            pool = RenderPool(None)
+            pool.render(["{}"]).result()
+            print(multiprocessing.active_children()[0].pid, flush=True)
+            time.sleep(60)
+        """
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=tmp_path
+    )
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait(10)
+    deadline = time.monotonic() + 10
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(child)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"

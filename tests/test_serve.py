@@ -68,6 +68,8 @@ def test_smtp_imap_and_http_together(tmp_path: Path, data_dir: Path, server: Dov
         with server.other_client() as other:
             other.append(mail(subject="By IMAP", sender="Dr B <gp@other.example>"))
         wait_for(lambda: len(rows(data_dir, "SELECT 1 FROM ecrs")) == 2)
+        # The worker's sender delivers both acknowledgements (no relay: to the maildir).
+        wait_for(lambda: len(list((data_dir / "sent" / "new").glob("*"))) == 2)
         assert sorted(rows(data_dir, "SELECT source, outcome FROM inbound")) == [
             ("imap:test", "created"),
             ("smtp", "created"),
@@ -84,6 +86,7 @@ def test_smtp_imap_and_http_together(tmp_path: Path, data_dir: Path, server: Dov
         code = served.stop()
     assert code == 0, "".join(served.lines[-20:])
     assert any("ecr-gateway stopped" in line for line in served.lines)
+    assert not any("Traceback" in line for line in served.lines), "".join(served.lines)
     with server.other_client() as other:
         assert other.messages("INBOX") == {}  # accepted, so moved to Processed
         assert len(other.messages("Processed")) == 1
