@@ -185,11 +185,7 @@ import os, signal
 from gateway.app import build_app
 from gateway.config import load_settings
 from gateway.notify.transport import SmtpRelay, RelayConfig
-from gateway.notify import compose
-from gateway.notify.pool import Rendered, RenderPool
-from gateway.notify.render import SAMPLE, Renderer
 from gateway.notify.sender import Sender
-from gateway.notify.transport import Transport
 
 class DieAfterSends(SmtpRelay):
     sends = 0
@@ -566,7 +562,7 @@ class CountingPool(RenderPool):
 
 
 @pytest.fixture
-def pool(napp: App) -> Iterator[CountingPool]:
+def pool() -> Iterator[CountingPool]:
     p = CountingPool(None)
     yield p
     p.close()
@@ -627,10 +623,10 @@ def test_a_dead_rendering_process_costs_no_mail(napp: App, relay: Relay) -> None
 
 
 def test_the_rendering_process_ends_with_its_parent(tmp_path: Path) -> None:
-    """A parent killed with SIGKILL leaves no orphan rendering mail for nobody."""
+    """A parent killed with SIGKILL leaves no orphan process behind."""
     script = textwrap.dedent(
         """
-        import multiprocessing, sys, time
+        import multiprocessing, time
         from gateway.notify.pool import RenderPool
         if __name__ == "__main__":
             pool = RenderPool(None)
