@@ -24,7 +24,7 @@ from gateway.model import Status
 from gateway.notify import compose
 from gateway.notify.pool import Rendered, RenderPool
 from gateway.notify.render import SAMPLE, Renderer
-from gateway.notify.sender import Sender
+from gateway.notify.sender import AHEAD, Sender
 from gateway.notify.transport import Transport
 from tests.conftest import Clock, ingest, mail, make_settings, run_cli
 from tests.relay import Captured, Relay
@@ -185,7 +185,7 @@ import os, signal
 from gateway.app import build_app
 from gateway.config import load_settings
 from gateway.notify.transport import SmtpRelay, RelayConfig
-from gateway.notify.sender import Sender
+from gateway.notify.sender import AHEAD, Sender
 
 class DieAfterSends(SmtpRelay):
     sends = 0
@@ -536,8 +536,9 @@ def test_an_override_replaces_one_template_file(
     app.close()
 
 
-def test_imported_history_sends_no_mail(napp: App, sender: Sender, relay: Relay,
-                                        tmp_path: Path) -> None:
+def test_imported_history_sends_no_mail(
+    napp: App, sender: Sender, relay: Relay, tmp_path: Path
+) -> None:
     from gateway.inbound import files
 
     folder = tmp_path / "old"
@@ -579,7 +580,8 @@ def test_a_burst_rendered_in_the_pool_arrives_once_each_as_rendered_here(
 ) -> None:
     rows = acknowledgements(napp, 7)
     sender = napp.sender(pool)
-    sender.batch_size = 2  # four batches: the first rendered here, the other three there
+    sender.batch_size, sender.first_rows = 1, 2  # two rendered here; five batches there,
+    assert AHEAD < 5  # more than it holds at a time
     assert sender.run_once() == 7
     assert sender.run_once() == 0
     assert pool.rendered == 5
@@ -596,7 +598,7 @@ def test_a_mail_that_cannot_be_rendered_there_fails_alone(
     spec["template"] = "no-such-template"
     napp.db.execute("UPDATE outbox SET spec = ? WHERE id = ?", [json.dumps(spec), rows[-1]["id"]])
     sender = napp.sender(pool)
-    sender.batch_size = 2
+    sender.batch_size = sender.first_rows = 2
     assert sender.run_once() == 3 and pool.rendered == 2
     failed = napp.outbox.listing()[0]
     assert failed["state"] == "failed" and "cannot be rendered" in failed["last_error"]
@@ -613,7 +615,7 @@ def test_a_dead_rendering_process_costs_no_mail(napp: App, relay: Relay) -> None
         os.kill(process.pid, signal.SIGKILL)  # as the out-of-memory killer would
         process.join(10)
         sender = napp.sender(pool)
-        sender.batch_size = 2
+        sender.batch_size = sender.first_rows = 2
         assert sender.run_once() == 6  # the batches it held rendered here instead
         assert len({str(c.message["Message-ID"]) for c in relay.captured}) == 6
         again = pool.render([rows[0]["spec"]]).result(timeout=30)  # in a new process

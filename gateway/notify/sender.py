@@ -7,15 +7,16 @@ Message-ID and the same bytes (a duplicate, which mail clients fold together).
 
 Rows go in batches of `batch_size`: rendered together, then sent one by one, each marked sent
 in its own commit as soon as the relay took it. A crash therefore resends at most the one mail
-in flight (the commit is cheap: no fsync, see Database.write). With a RenderPool, every batch
-after the first is rendered in the pool's process while the one before it is delivered.
+in flight (the commit is cheap: no fsync, see Database.write). With a RenderPool, all but the
+first few rows are rendered in the pool's process while the ones before them are delivered.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from datetime import datetime, timedelta
 
@@ -27,7 +28,9 @@ from gateway.store.records import from_iso
 
 log = logging.getLogger(__name__)
 
-BATCH_SIZE = 50  # rendered together: the templates and the MIME code stay hot in the caches
+BATCH_SIZE = 25  # rendered together: the templates and the MIME code stay hot in the caches
+FIRST_ROWS = 10  # rendered by the sender while the pool renders the first batch after them
+AHEAD = 4  # batches in the pool at a time: it never waits, and holds little finished mail
 
 
 class Sender:
@@ -40,6 +43,7 @@ class Sender:
         message: Callable[[str], bytes],
         batch_size: int = BATCH_SIZE,
         pool: RenderPool | None = None,
+        first_rows: int = FIRST_ROWS,
     ) -> None:
         self.outbox = outbox
         self.transport = transport
@@ -48,21 +52,26 @@ class Sender:
         self.message = message  # an outbox row's spec -> the mail's bytes
         self.batch_size = batch_size
         self.pool = pool
+        self.first_rows = first_rows
 
-    def run_once(self, limit: int = 500) -> int:
+    def run_once(self, limit: int = 2000) -> int:
         """Send what is due now; returns how many were delivered."""
         rows = self.outbox.due(self.clock(), limit)
         if not rows:
             return 0
-        batches = [rows[n : n + self.batch_size] for n in range(0, len(rows), self.batch_size)]
+        # The first rows are rendered here while the pool starts on the ones after them; a
+        # handful (the usual case outside a burst) never waits for the other process at all.
+        first = len(rows) if self.pool is None else min(len(rows), self.first_rows)
+        ahead = Ahead(self.pool, self._batches(rows[first:])) if self.pool else None
         delivered = 0
         try:
-            mails = self._rendered(batches[0], None)
-            for batch, following in zip(batches, [*batches[1:], []], strict=True):
-                ahead = self._render_ahead(following) if following else None
-                delivered += self._send_batch(batch, mails)
-                mails = self._rendered(following, ahead)
+            for batch in self._batches(rows[:first]):
+                delivered += self._send_batch(batch, [self._render(row) for row in batch])
+            for batch, rendering in ahead or ():
+                delivered += self._send_batch(batch, self._rendered(batch, rendering))
         finally:
+            if ahead:
+                ahead.cancel()
             self.transport.close()
         return delivered
 
@@ -82,21 +91,16 @@ class Sender:
         delivered = 0
         for row, raw in zip(rows, mails, strict=True):
             if raw is not None and self._send(row, raw):
-                self.outbox.sent([int(row["id"])], self.clock())
+                self.outbox.sent(int(row["id"]), self.clock())
                 delivered += 1
         return delivered
 
-    def _render_ahead(self, rows: list[Row]) -> Future[list[Rendered]] | None:
-        """The batch after this one, rendered in the pool's process while this one is sent."""
-        return self.pool.render([row["spec"] for row in rows]) if self.pool else None
+    def _batches(self, rows: list[Row]) -> list[list[Row]]:
+        return [rows[n : n + self.batch_size] for n in range(0, len(rows), self.batch_size)]
 
-    def _rendered(
-        self, rows: list[Row], ahead: Future[list[Rendered]] | None
-    ) -> list[bytes | None]:
-        if ahead is None:
-            return [self._render(row) for row in rows]
+    def _rendered(self, rows: list[Row], rendering: Future[list[Rendered]]) -> list[bytes | None]:
         try:
-            results = ahead.result()
+            results = rendering.result()
         except Exception as exc:  # the process died with the batch: render it here
             log.warning("rendering process failed (%s); rendering here", type(exc).__name__)
             return [self._render(row) for row in rows]
@@ -138,3 +142,30 @@ class Sender:
             return
         self.outbox.retry_later(outbox_id, error, now + backoff(int(row["attempts"])))
         log.info("outbox %d to %s deferred: %s", outbox_id, row["recipient"], error)
+
+
+class Ahead:
+    """Batches rendered in the pool's process, in order, AHEAD at a time, while the ones
+    before them are sent: the pool never waits for the sender, nor holds more than a few
+    batches of finished mail."""
+
+    def __init__(self, pool: RenderPool, batches: list[list[Row]]) -> None:
+        self.pool = pool
+        self.waiting = deque(batches)
+        self.rendering: deque[tuple[list[Row], Future[list[Rendered]]]] = deque()
+        self._top_up()
+
+    def __iter__(self) -> Iterator[tuple[list[Row], Future[list[Rendered]]]]:
+        while self.rendering:
+            batch, rendering = self.rendering.popleft()
+            self._top_up()
+            yield batch, rendering
+
+    def cancel(self) -> None:
+        for _, rendering in self.rendering:
+            rendering.cancel()
+
+    def _top_up(self) -> None:
+        while self.waiting and len(self.rendering) < AHEAD:
+            batch = self.waiting.popleft()
+            self.rendering.append((batch, self.pool.render([row["spec"] for row in batch])))

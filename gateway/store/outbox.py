@@ -7,7 +7,6 @@ connection (its own thread) and only ever moves a row's state forward.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -157,17 +156,14 @@ class Outbox:
             [iso(now), limit],
         )
 
-    def sent(self, outbox_ids: Sequence[int], now: datetime) -> None:
-        """Rows the relay accepted, marked in one transaction (the sender batches them)."""
-        if not outbox_ids:
-            return
-        marks = ", ".join("?" for _ in outbox_ids)
-        with self.db.write():
-            self.db.execute(
-                "UPDATE outbox SET state = 'sent', sent_at = ?, attempts = attempts "
-                f"+ 1, last_error = NULL WHERE id IN ({marks})",
-                [iso(now), *outbox_ids],
-            )
+    def sent(self, outbox_id: int, now: datetime) -> None:
+        """A row the relay accepted. One statement is its own transaction in SQLite: without
+        write()'s BEGIN and COMMIT it costs half as much, once per mail sent."""
+        self.db.execute(
+            "UPDATE outbox SET state = 'sent', sent_at = ?, attempts = attempts + 1, "
+            "last_error = NULL WHERE id = ?",
+            [iso(now), outbox_id],
+        )
 
     def retry_later(self, outbox_id: int, error: str, at: datetime) -> None:
         with self.db.write():
