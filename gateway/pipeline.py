@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import logging
+import re
 import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,6 +47,9 @@ SILENT_SOURCES = frozenset({"import"})
 # kill) before the mail is quarantined. Higher than gateway.max_attempts, which counts
 # recorded failures: an operator's restarts must not use up a healthy mail's chances.
 INTERRUPTED_LIMIT = 10
+HEAD_LIMIT = 65536  # bytes searched for the Message-ID
+# A Message-ID header line and its continuation lines (`.` stops at LF, keeps a CR).
+MESSAGE_ID_HEADER = re.compile(rb"^message-id:(.*(?:\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
 EARLIER_LIMIT = 100  # waiting mails an ingest finishes before its own; recovery does the rest
 Parsed = Callable[[int], ParsedMail | Rejection]  # inbound id -> its mail, parsed elsewhere
 
@@ -432,21 +436,15 @@ def _outcome(kind: Classification) -> Outcome:
 
 def sniff_message_id(raw: bytes) -> str:
     """The normalised Message-ID from the header block, without parsing the whole mail."""
-    end = raw.find(b"\r\n\r\n")
-    end2 = raw.find(b"\n\n")
-    head = raw[: min(x for x in (end, end2, 65536) if x >= 0)]
-    lines = head.replace(b"\r\n", b"\n").split(b"\n")
-    for i, line in enumerate(lines):
-        if line[:11].lower() == b"message-id:":
-            value = line[11:]
-            for cont in lines[i + 1 :]:
-                if cont[:1] in (b" ", b"\t"):
-                    value += cont
-                else:
-                    break
-            ids = parse_mod.message_ids([value.decode("latin-1")])
-            if ids:
-                return ids[0]
-            bare = parse_mod.normalise_id(value.decode("latin-1"))
-            return bare if b"@" in value and not parse_mod.NOT_IN_ID.search(bare) else ""
-    return ""
+    crlf = raw.find(b"\r\n\r\n", 0, HEAD_LIMIT)
+    lf = raw.find(b"\n\n", 0, HEAD_LIMIT if crlf < 0 else crlf)  # not through the body
+    head = raw[: min((x for x in (crlf, lf) if x >= 0), default=HEAD_LIMIT)]
+    found = MESSAGE_ID_HEADER.search(head)
+    if found is None:
+        return ""
+    value = found.group(1).decode("latin-1")
+    ids = parse_mod.message_ids([value])
+    if ids:
+        return ids[0]
+    bare = parse_mod.normalise_id(value)
+    return bare if "@" in value and not parse_mod.NOT_IN_ID.search(bare) else ""

@@ -14,7 +14,7 @@ import pytest
 
 from gateway.app import App, build_app
 from gateway.model import Envelope, Outcome
-from gateway.pipeline import Pipeline
+from gateway.pipeline import Pipeline, sniff_message_id
 from gateway.store.files import Blobs
 from tests.conftest import TEST_KEY, Clock, ingest, mail, make_settings, run_cli
 
@@ -254,6 +254,42 @@ def test_same_message_id_with_other_bytes_is_a_duplicate(app: App) -> None:
     assert row(app, second.inbound_id)["dedupe_key"] == "mid:same.1@practice.example"
     assert count(app, "ecrs") == 1
     assert app.db.value("SELECT subject FROM ecrs") == "Printer"
+
+
+def test_the_same_mail_twice_in_one_accepted_batch_is_a_duplicate_of_the_first(app: App) -> None:
+    """A batch (an IMAP fetch, an SMTP group commit) looks its keys up in one query: a key
+    that first appears in the batch itself must still make the second one a duplicate."""
+    known, raw = mail("Known", "first"), mail("Twice", "in one batch")
+    earlier = ingest(app, known)
+    batch = [Envelope(r, "imap:test") for r in (raw, known, raw, mail("Other", "new"))]
+    accepted = app.pipeline.accept_many(batch)
+    assert [a.duplicate_of for a in accepted] == [
+        None,
+        earlier.inbound_id,
+        accepted[0].inbound_id,
+        None,
+    ]
+    assert row(app, accepted[1].inbound_id)["ecr_id"] == row(app, earlier.inbound_id)["ecr_id"]
+    results = app.pipeline.process_waiting()
+    assert sorted(r.outcome for r in results) == [Outcome.CREATED, Outcome.CREATED]
+    assert count(app, "ecrs") == 3
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (b"Subject: x\r\nMessage-ID:\r\n <Folded@Example.org>\r\n", "folded@example.org"),
+        (b"Subject: x\nmessage-id: <bare.lf@example.org>\n", "bare.lf@example.org"),
+        (b"MESSAGE-ID: no-brackets@example.org\r\n", "no-brackets@example.org"),
+        (b"Message-ID: =?utf-8?Q?=3Cword@example.org=3E?=\r\n", "word@example.org"),
+        (b"Subject: x\r\n Message-ID: <in-a-subject@example.org>\r\n", ""),
+        (b"Message-ID: no id here\r\n", ""),
+    ],
+)
+def test_the_message_id_is_sniffed_from_the_header_block_only(head: bytes, expected: str) -> None:
+    body = b"Message-ID: <in-the-body@example.org>\r\n"
+    eol = b"\n\n" if b"\r" not in head else b"\r\n"
+    assert sniff_message_id(head + eol + body) == expected
 
 
 # --- failures and replay ------------------------------------------------------------------------

@@ -544,6 +544,8 @@ def header_text(value: object) -> str:
     """A header value decoded from RFC 2047 words and raw 8-bit bytes; never raises."""
     if value is None:
         return ""
+    if isinstance(value, str) and value.isascii() and "=?" not in value:
+        return value  # what decode_header would give back, at a fraction of its cost
     try:
         chunks = email.header.decode_header(value)  # type: ignore[arg-type]
     except Exception:

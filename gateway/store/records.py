@@ -24,6 +24,8 @@ from gateway.model import (
 )
 from gateway.store.db import Database, Row
 
+KEYS_PER_QUERY = 500  # dedupe keys looked up at once, well under SQLite's variable limit
+
 
 def iso(dt: datetime) -> str:
     return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -72,12 +74,30 @@ class Records:
     def accept(self, arrivals: Sequence[Arrival]) -> list[Accepted]:
         """Insert the rows in one durable commit; a known key is recorded as a duplicate."""
         with self.db.write(durable=True):
-            return [self._accept_one(a) for a in arrivals]
+            firsts = self._firsts({a.dedupe_key for a in arrivals})
+            accepted = []
+            for arrival in arrivals:
+                one = self._insert(arrival, firsts.get(arrival.dedupe_key))
+                firsts.setdefault(arrival.dedupe_key, (one.inbound_id, None))  # twice in one batch
+                accepted.append(one)
+            return accepted
 
-    def _accept_one(self, a: Arrival) -> Accepted:
-        first = self.db.value(
-            "SELECT id FROM inbound WHERE dedupe_key = ? AND duplicate_of IS NULL", [a.dedupe_key]
-        )
+    def _firsts(self, keys: set[str]) -> dict[str, tuple[int, int | None]]:
+        """The first row (id, ECR) of each key already accepted: one query a batch."""
+        found: dict[str, tuple[int, int | None]] = {}
+        wanted = sorted(keys)
+        for n in range(0, len(wanted), KEYS_PER_QUERY):
+            chunk = wanted[n : n + KEYS_PER_QUERY]
+            marks = ", ".join("?" for _ in chunk)
+            for key, first, ecr_id in self.db.execute(
+                "SELECT dedupe_key, id, ecr_id FROM inbound WHERE duplicate_of IS NULL AND "
+                f"dedupe_key IN ({marks})",
+                chunk,
+            ):
+                found[key] = (first, ecr_id)
+        return found
+
+    def _insert(self, a: Arrival, first: tuple[int, int | None] | None) -> Accepted:
         row: dict[str, Any] = {
             "dedupe_key": a.dedupe_key,
             "message_id": a.message_id or None,
@@ -86,26 +106,26 @@ class Records:
             "rcpt_tos": json.dumps(list(a.rcpt_tos)),
             "received_at": iso(a.received_at),
             "size": a.size,
-            "spool_name": a.spool_name,
+            "spool_path": a.spool_name,
         }
-        row["spool_path"] = row.pop("spool_name")
         if first is None:
             return Accepted(self.db.insert("inbound", {**row, "state": "accepted"}), None)
+        first_id, ecr_id = first
         row.update(
             state="done",
             outcome=str(Outcome.DUPLICATE),
-            duplicate_of=first,
-            reason=f"duplicate of inbound {first}",
-            processed_at=iso(a.received_at),
+            duplicate_of=first_id,
+            reason=f"duplicate of inbound {first_id}",
+            processed_at=row["received_at"],
+            ecr_id=ecr_id,
         )
-        row["ecr_id"] = self.db.value("SELECT ecr_id FROM inbound WHERE id = ?", [first])
-        return Accepted(self.db.insert("inbound", row), first)
+        return Accepted(self.db.insert("inbound", row), first_id)
 
     def accept_quarantined(self, a: Arrival, reason: str) -> Accepted:
         """A row born quarantined, in the caller's transaction: a mail we refused to take
         whole (over the size limit through IMAP). Never `accepted`, so no processor can pick
         it up in between; a known key is still recorded as a duplicate."""
-        accepted = self._accept_one(a)
+        accepted = self._insert(a, self._firsts({a.dedupe_key}).get(a.dedupe_key))
         if accepted.duplicate_of is None:
             self.db.execute(
                 "UPDATE inbound SET failed_step = 'accept' WHERE id = ?", [accepted.inbound_id]
