@@ -3,6 +3,7 @@ status-rule helpers, classification and settings."""
 
 from __future__ import annotations
 
+import email
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -13,7 +14,7 @@ import pytest
 from gateway.config import ConfigError, load_settings
 from gateway.mail import classify, names, rules, tokens
 from gateway.mail.match import reference_pattern
-from gateway.mail.parse import parse
+from gateway.mail.parse import identity, parse
 from gateway.model import Address, Kind, ParsedMail
 from gateway.store.files import Spool, span
 from tests.conftest import mail
@@ -590,3 +591,21 @@ def test_a_write_that_waits_longer_than_its_wait_raises_and_changes_nothing(
     assert ours.value("SELECT COUNT(*) FROM contacts") == 0
     ours.close()
     theirs.close()
+
+
+def test_a_from_header_seen_before_is_judged_by_the_mail_it_is_in() -> None:
+    """From headers are parsed once per text (a cache): what else the mail holds still counts."""
+    one = b"From: Dr Ann <ann@practice.example>\r\nSubject: x\r\n\r\nbody\r\n"
+    two = b"From: Dr Ann <ann@practice.example>\r\n" + one
+    verdicts = [identity(email.message_from_bytes(raw)) for raw in (one, two, one)]
+    ann = Address("ann@practice.example", "Dr Ann")
+    assert verdicts == [
+        (ann, True, ""),
+        (ann, False, "several From headers"),
+        (ann, True, ""),
+    ]
+    assert identity(email.message_from_bytes(b"From: \r\nFrom: x\r\n\r\n")) == (
+        None,
+        False,
+        "several From headers",
+    )

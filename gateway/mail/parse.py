@@ -22,6 +22,7 @@ import email.header
 import email.message
 import email.policy
 import email.utils
+import functools
 import hashlib
 import logging
 import quopri
@@ -618,10 +619,18 @@ def identity(message: Message) -> tuple[Address | None, bool, str]:
     if not values:
         return None, False, "no From header"
     raw = _surrogates_to_text(FOLD.sub("", values[0]))
-    loose = [p for p in email.utils.getaddresses([raw]) if p[1]]
-    sender = _address(loose[0]) if loose else None
     if len(values) > 1:
-        return sender, False, "several From headers"
+        return next(iter(_loose(raw)), None), False, "several From headers"
+    return _identity(raw)
+
+
+# A practice writes again and again from the same few addresses: their From headers are parsed
+# once (both parsers cost more than the rest of the headers together). Pure functions of the
+# text, returning immutable values, so a cached answer is the answer.
+@functools.lru_cache(maxsize=4096)
+def _identity(raw: str) -> tuple[Address | None, bool, str]:
+    loose = _loose(raw)
+    sender = loose[0] if loose else None
     if any(c in header_text(raw) for c in "\x00\r\n"):
         return sender, False, "From decodes to NUL, CR or LF"
     try:
@@ -639,6 +648,11 @@ def identity(message: Message) -> tuple[Address | None, bool, str]:
     if _hidden_address(sender):
         return sender, False, "From display name holds another address"
     return sender, True, ""
+
+
+def _loose(raw: str) -> tuple[Address, ...]:
+    """What getaddresses reads in a From header: the addresses with an addr-spec."""
+    return tuple(_address(p) for p in email.utils.getaddresses([raw]) if p[1])
 
 
 def _plausible(addr: str) -> bool:
@@ -788,10 +802,22 @@ def _header_defect_categories(message: Message) -> set[str]:
 
 
 def _address_header_defects(message: Message) -> bool:
+    return any(
+        _address_defects(value) if isinstance(value, str) else _address_object_defects(value)
+        for name, value in message.items()
+        if name.lower() in ADDRESSES_HEADERS
+    )
+
+
+@functools.lru_cache(maxsize=4096)  # the same To and From, mail after mail (see _identity)
+def _address_defects(value: str) -> bool:
+    return _address_object_defects(value)
+
+
+def _address_object_defects(value: object) -> bool:
+    """For a str, or the Header object compat32 makes of a value with raw 8-bit bytes."""
     found: list[dict[str, object]] = []
-    for name, value in message.items():
-        if name.lower() in ADDRESSES_HEADERS:
-            mailparser_utils.get_addresses(value, defects=found, decode_names=True)
+    mailparser_utils.get_addresses(value, defects=found, decode_names=True)
     return bool(found)
 
 
