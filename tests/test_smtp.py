@@ -72,6 +72,30 @@ def test_an_unknown_recipient_is_refused_at_rcpt(served: Served, data_dir: Path)
     assert rows(data_dir, "SELECT COUNT(*) FROM inbound") == [(0,)]
 
 
+def test_addresses_read_before_are_judged_by_their_own_text(
+    served: Served, data_dir: Path
+) -> None:
+    """The receiver remembers how it read each MAIL FROM and RCPT TO argument: a repeated one
+    gets the same answer, and each mail keeps its own sender."""
+    with client(served) as c:
+        c.ehlo()
+        for _ in range(2):
+            assert c.docmd("MAIL FROM:<a@b@c>")[0] == 553
+            assert c.docmd("MAIL FROM:<a@[1.2>")[0] == 553  # breaks aiosmtpd's own reading
+            assert c.mail("a@practice-a.example")[0] == 250
+            assert c.rcpt("someone@elsewhere.example")[0] == 550
+            assert c.rcpt("support@localhost")[0] == 250
+            assert c.rset()[0] == 250
+        for sender in ("a@practice-a.example", "b@practice-b.example", "a@practice-a.example"):
+            assert c.sendmail(sender, ["support@localhost"], mail()) == {}
+    wait_for(lambda: len(rows(data_dir, "SELECT id FROM inbound")) == 3)
+    assert rows(data_dir, "SELECT mail_from FROM inbound ORDER BY id") == [
+        ("a@practice-a.example",),
+        ("b@practice-b.example",),
+        ("a@practice-a.example",),
+    ]
+
+
 def test_oversize_with_declared_size_is_refused_at_mail(served: Served, data_dir: Path) -> None:
     with client(served) as c:
         c.ehlo()
