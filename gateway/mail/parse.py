@@ -305,9 +305,10 @@ class _ParsedBuilder:
             self._attach_spliced(part, ctype, self.splicer)
             return
         data = _payload_bytes(part)
-        if tnef.is_tnef(ctype, part.get_filename()):
+        filename = part.get_filename()  # two header parses: once per part
+        if tnef.is_tnef(ctype, filename):
             self._attach_tnef(part, data)
-        elif _is_body_text(part):
+        elif _is_body_text(part, filename):
             self._text(part, ctype, data)
         else:
             self._attach(part, data, ctype)
@@ -329,10 +330,11 @@ class _ParsedBuilder:
         """A large body put back from the raw mail; only a plain attachment's, else the whole
         mail is parsed the usual way. Only `Content-Disposition: attachment`: mail-parser
         decodes any other part as text to report charset defects, which depend on its bytes."""
+        filename = part.get_filename()
         if (
             part.get_content_disposition() != "attachment"
-            or tnef.is_tnef(ctype, part.get_filename())
-            or _is_body_text(part)
+            or tnef.is_tnef(ctype, filename)
+            or _is_body_text(part, filename)
         ):
             raise _NotSplicable(ctype)
         content, sha256 = splicer.content(part)
@@ -398,13 +400,13 @@ def _leaves(message: Message) -> Iterator[Message]:
             yield part
 
 
-def _is_body_text(part: Message) -> bool:
+def _is_body_text(part: Message, filename: str | None) -> bool:
     if (
         part.get_content_type() not in ("text/plain", "text/html")
         and part.get_content_maintype() != "multipart"
     ):
         return False
-    return part.get_content_disposition() != "attachment" and not part.get_filename()
+    return part.get_content_disposition() != "attachment" and not filename
 
 
 def _payload_bytes(part: Message) -> bytes:
