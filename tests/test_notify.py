@@ -22,7 +22,7 @@ import pytest
 from gateway.app import App, build_app
 from gateway.model import Status
 from gateway.notify import compose
-from gateway.notify.pool import Rendered, RenderPool
+from gateway.notify.pool import MailOrFailure, RenderPool
 from gateway.notify.render import SAMPLE, Renderer
 from gateway.notify.sender import AHEAD, Sender
 from gateway.notify.transport import Transport
@@ -557,7 +557,7 @@ class CountingPool(RenderPool):
 
     rendered = 0
 
-    def render(self, specs: list[str]) -> Future[list[Rendered]]:
+    def render(self, specs: list[str]) -> Future[list[MailOrFailure]]:
         self.rendered += len(specs)
         return super().render(specs)
 

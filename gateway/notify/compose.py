@@ -26,7 +26,7 @@ from typing import Any
 
 from gateway.mail.parse import clean_line
 from gateway.model import Address
-from gateway.notify.render import Rendered
+from gateway.notify.render import Rendered, Renderer
 
 SUBJECT_LIMIT = 200
 SAFE_ID = re.compile(r"[!-;=?-~]{1,500}")  # printable ASCII without space, < and >
@@ -111,6 +111,13 @@ def message_id(ref: str, nonce: str, key: bytes, domain: str) -> str:
     """`ecr-000123.<nonce>.<mac>@domain`: the MAC lets us know our own ids when they return."""
     mac = hmac.new(key, f"{ref}.{nonce}".encode(), hashlib.sha256).hexdigest()[:12]
     return f"{ref.lower()}.{nonce}.{mac}@{domain}"
+
+
+def message(renderer: Renderer, spec: str) -> bytes:
+    """An outbox row's mail from its spec: everything that varies (ids, tokens, the date) was
+    fixed when it was queued, so a resend is the same mail."""
+    template, context, headers = read_spec(spec)
+    return build(headers, renderer.render(template, context))
 
 
 def build(h: Headers, body: Rendered) -> bytes:

@@ -12,7 +12,7 @@ from typing import Any
 
 from gateway.mail import tokens
 from gateway.model import Address, Happened, ParsedMail
-from gateway.notify import compose, plan, pool
+from gateway.notify import compose, plan
 from gateway.notify.render import Renderer
 from gateway.store.outbox import Audience, Outbox, Queued
 
@@ -174,8 +174,8 @@ class Notifier:
         return int(self.outbox.queue(row, now))
 
     def message(self, spec: str) -> bytes:
-        """An outbox row's mail, rendered when it is sent (pool.message)."""
-        return pool.message(self.renderer, spec)
+        """An outbox row's mail, rendered when it is sent (compose.message)."""
+        return compose.message(self.renderer, spec)
 
     def _reply_to(self, ecr_id: int, contact_id: int, now: datetime) -> str:
         if not contact_id:

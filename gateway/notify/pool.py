@@ -26,16 +26,9 @@ from gateway.notify.render import Renderer
 
 log = logging.getLogger(__name__)
 
-Rendered = bytes | str  # the mail, or the name of the exception that stopped its rendering
+MailOrFailure = bytes | str  # the mail, or the name of the exception that stopped it
 
 _renderer: Renderer | None = None  # in the pool's process: built once, by _start
-
-
-def message(renderer: Renderer, spec: str) -> bytes:
-    """An outbox row's mail from its spec: everything that varies (ids, tokens, the date) was
-    fixed when it was queued, so a resend is the same mail."""
-    template, context, headers = compose.read_spec(spec)
-    return compose.build(headers, renderer.render(template, context))
 
 
 class RenderPool:
@@ -52,7 +45,7 @@ class RenderPool:
             initargs=(self.templates,),
         )
 
-    def render(self, specs: list[str]) -> Future[list[Rendered]]:
+    def render(self, specs: list[str]) -> Future[list[MailOrFailure]]:
         try:
             return self._executor.submit(_render_all, specs)
         except RuntimeError:  # broken by a dead process (BrokenProcessPool is one)
@@ -79,12 +72,12 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(0)
 
 
-def _render_all(specs: list[str]) -> list[Rendered]:
+def _render_all(specs: list[str]) -> list[MailOrFailure]:
     assert _renderer is not None
-    out: list[Rendered] = []
+    out: list[MailOrFailure] = []
     for spec in specs:
         try:
-            out.append(message(_renderer, spec))
+            out.append(compose.message(_renderer, spec))
         except Exception as exc:  # the row fails alone, in the sender
             out.append(type(exc).__name__)
     return out

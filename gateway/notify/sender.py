@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from datetime import datetime, timedelta
 
-from gateway.notify.pool import Rendered, RenderPool
+from gateway.notify.pool import MailOrFailure, RenderPool
 from gateway.notify.transport import PermFail, TempFail, Transport
 from gateway.store.db import Row
 from gateway.store.outbox import Outbox, backoff
@@ -62,7 +62,8 @@ class Sender:
         # The first rows are rendered here while the pool starts on the ones after them; a
         # handful (the usual case outside a burst) never waits for the other process at all.
         first = len(rows) if self.pool is None else min(len(rows), self.first_rows)
-        ahead = Ahead(self.pool, self._batches(rows[first:])) if self.pool else None
+        rest = self._batches(rows[first:])
+        ahead = Ahead(self.pool, rest) if self.pool and rest else None
         delivered = 0
         try:
             for batch in self._batches(rows[:first]):
@@ -98,7 +99,9 @@ class Sender:
     def _batches(self, rows: list[Row]) -> list[list[Row]]:
         return [rows[n : n + self.batch_size] for n in range(0, len(rows), self.batch_size)]
 
-    def _rendered(self, rows: list[Row], rendering: Future[list[Rendered]]) -> list[bytes | None]:
+    def _rendered(
+        self, rows: list[Row], rendering: Future[list[MailOrFailure]]
+    ) -> list[bytes | None]:
         try:
             results = rendering.result()
         except Exception as exc:  # the process died with the batch: render it here
@@ -112,7 +115,7 @@ class Sender:
         except Exception as exc:  # a template that broke after the start-up check
             return self._mail(row, type(exc).__name__)
 
-    def _mail(self, row: Row, rendered: Rendered) -> bytes | None:
+    def _mail(self, row: Row, rendered: MailOrFailure) -> bytes | None:
         if isinstance(rendered, bytes):
             return rendered
         self.outbox.failed(int(row["id"]), f"cannot be rendered: {rendered}", self.clock())
@@ -152,10 +155,10 @@ class Ahead:
     def __init__(self, pool: RenderPool, batches: list[list[Row]]) -> None:
         self.pool = pool
         self.waiting = deque(batches)
-        self.rendering: deque[tuple[list[Row], Future[list[Rendered]]]] = deque()
+        self.rendering: deque[tuple[list[Row], Future[list[MailOrFailure]]]] = deque()
         self._top_up()
 
-    def __iter__(self) -> Iterator[tuple[list[Row], Future[list[Rendered]]]]:
+    def __iter__(self) -> Iterator[tuple[list[Row], Future[list[MailOrFailure]]]]:
         while self.rendering:
             batch, rendering = self.rendering.popleft()
             self._top_up()
