@@ -4,6 +4,7 @@ status-rule helpers, classification and settings."""
 from __future__ import annotations
 
 import email
+import sqlite3
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,7 @@ from gateway.mail import classify, names, rules, tokens
 from gateway.mail.match import reference_pattern
 from gateway.mail.parse import identity, parse
 from gateway.model import Address, Kind, ParsedMail
+from gateway.store.db import Database
 from gateway.store.files import Spool, span
 from tests.conftest import mail
 
@@ -549,8 +551,6 @@ def test_a_span_past_the_end_of_its_spool_file_is_an_error_not_a_short_mail(
 
 
 def test_a_write_waits_for_another_connections_write_and_then_commits(tmp_path: Path) -> None:
-    from gateway.store.db import Database
-
     ours = Database(tmp_path / "g.db")
     locked = threading.Event()
 
@@ -576,10 +576,6 @@ def test_a_write_waits_for_another_connections_write_and_then_commits(tmp_path: 
 def test_a_write_that_waits_longer_than_its_wait_raises_and_changes_nothing(
     tmp_path: Path,
 ) -> None:
-    import sqlite3
-
-    from gateway.store.db import Database
-
     ours, theirs = Database(tmp_path / "g.db"), Database(tmp_path / "g.db", migrate=False)
     theirs.execute("BEGIN IMMEDIATE")
     with pytest.raises(sqlite3.OperationalError, match="locked"), ours.write(True, wait=0.05):
