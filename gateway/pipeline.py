@@ -14,7 +14,6 @@ import logging
 import re
 import traceback
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -51,6 +50,10 @@ HEAD_LIMIT = 65536  # bytes searched for the Message-ID
 # A Message-ID header line and its continuation lines (`.` stops at LF, keeps a CR).
 MESSAGE_ID_HEADER = re.compile(rb"^message-id:(.*(?:\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
 EARLIER_LIMIT = 100  # waiting mails an ingest finishes before its own; recovery does the rest
+# Above this, `accept` parses nothing ahead: such a parse dwarfs the sync it would overlap, and
+# a mail big enough to exhaust memory must be accepted (its attempts counted) before it is
+# parsed, or it would end in an MTA's endless retries instead of in quarantine.
+EARLY_PARSE_LIMIT = 1024 * 1024
 Parsed = Callable[[int], ParsedMail | Rejection]  # inbound id -> its mail, parsed elsewhere
 
 
@@ -95,27 +98,25 @@ class Pipeline:
         self.p = policies
         self.notifier = notifier
         self.clock = clock
-        self._parser: ThreadPoolExecutor | None = None
-        self._early: tuple[bytes, Future[ParsedMail | Rejection]] | None = None
+        self._early: tuple[bytes, Callable[[], ParsedMail | Rejection]] | None = None
 
     # --- 1 accept ------------------------------------------------------------------------------
 
     def accept(self, envelope: Envelope) -> Accepted:
-        """One mail, accepted by a process that goes on to process it (`ingest`): it is parsed
-        on a second thread meanwhile, while acceptance waits for the disk (its syncs let go of
-        the GIL), and `finish` takes that parse up instead of parsing again. Parsing is pure:
-        what it finds counts only once the mail is accepted."""
-        self._early = (envelope.raw, self._parse_early(envelope.raw))
-        try:
+        """One mail, accepted by a process that goes on to process it (`ingest`): while its
+        spool file is synced on a helper thread (one system call, free of the interpreter's
+        lock for its whole length), the mail is parsed here, and `finish` takes that parse up
+        instead of parsing again. Parsing is pure: what it finds counts only once the mail is
+        accepted, and a parse that fails is an attempt's failure, recorded by `finish`."""
+        if len(envelope.raw) > EARLY_PARSE_LIMIT:
             return self.accept_many([envelope])[0]
-        except BaseException:
-            self._early = None
-            raise
-
-    def _parse_early(self, raw: bytes) -> Future[ParsedMail | Rejection]:
-        if self._parser is None:
-            self._parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parse")
-        return self._parser.submit(parse_mod.parse, raw, self.p.limits)
+        (arrival,) = self.arrive_many([envelope])
+        synced = self.spool.sync_beside([arrival.spool_name])
+        parsed = _parse_now(envelope.raw, self.p.limits)
+        synced.result()
+        (accepted,) = self.record_arrivals([arrival])
+        self._early = (envelope.raw, parsed)
+        return accepted
 
     def accept_many(self, envelopes: Sequence[Envelope]) -> list[Accepted]:
         """Raw bytes durably in the spool, then the rows in one durable commit; only then may a
@@ -127,6 +128,10 @@ class Pipeline:
         them: a syncfs flushes file and directory entries at once, where fsyncing a lone file
         and then its directory takes two flushes), then their rows in one durable commit."""
         self.spool.sync([a.spool_name for a in arrivals])
+        return self.record_arrivals(arrivals)
+
+    def record_arrivals(self, arrivals: Sequence[Arrival]) -> list[Accepted]:
+        """Rows for arrivals whose spool files are durable, in one durable commit."""
         accepted = self.records.accept(arrivals)
         for a, arrival in zip(accepted, arrivals, strict=True):
             log.info(
@@ -175,8 +180,8 @@ class Pipeline:
         self.process_many(self.earlier_than(accepted.inbound_id))
         if raw is None:
             return self.process(accepted.inbound_id)
-        if early is not None and early[0] is raw:  # accept() began parsing this very mail
-            parsed = early[1].result
+        if early is not None and early[0] is raw:  # accept() parsed this very mail
+            parsed = early[1]
         else:
             parsed = functools.partial(parse_mod.parse, raw, self.p.limits)
         (result,) = self.process_many([accepted.inbound_id], lambda _: parsed())
@@ -414,6 +419,20 @@ class Pipeline:
         if swept:
             log.info("removed %d temporary files left by a crash", swept)
         return self.process_waiting()
+
+
+def _parse_now(raw: bytes, limits: parse_mod.Limits) -> Callable[[], ParsedMail | Rejection]:
+    """The mail parsed now, its answer (or its failure) given when called: by an attempt."""
+    try:
+        mail = parse_mod.parse(raw, limits)
+    except Exception as exc:
+        failure = exc
+
+        def fail() -> ParsedMail:
+            raise failure
+
+        return fail
+    return lambda: mail
 
 
 def _ahead(store: Callable[..., None], *args: object) -> None:

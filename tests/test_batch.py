@@ -3,6 +3,8 @@ fails leaves nothing behind and the others are kept; attempts are counted before
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,8 @@ from gateway.model import Classification, Envelope, Match, ParsedMail, Plan, Res
 from gateway.pipeline import Pipeline
 from gateway.store.records import Records
 from tests.conftest import Clock, mail
+
+RCPT = ("support@localhost",)
 
 
 class FlakyRecords(Records):
@@ -117,3 +121,70 @@ def test_a_mail_parsed_during_acceptance_is_processed_from_that_parse(app: App) 
     result = app.pipeline.finish(accepted, raw)
     assert str(result.outcome) == "created"
     assert app.db.value("SELECT subject FROM ecrs") == "Printer"
+
+
+def test_a_lone_mail_is_parsed_while_its_spool_file_syncs_and_recorded_after_the_sync(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.store import files as store_files
+
+    seen: list[str] = []
+    syncing = threading.Event()
+    real_parse, real_accept = parse.parse, app.records.accept
+
+    def slow_sync(fd: int) -> bool:
+        syncing.set()
+        time.sleep(0.2)  # a slow disk: the parse has time to run meanwhile
+        seen.append("synced")
+        return True
+
+    def parse_during_sync(raw: bytes, limits: parse.Limits) -> object:
+        seen.append("parsed while syncing" if syncing.is_set() and not seen else "parsed")
+        return real_parse(raw, limits)
+
+    def record(arrivals: Any) -> Any:
+        seen.append("recorded")
+        return real_accept(arrivals)
+
+    monkeypatch.setattr(store_files, "_syncfs_fd", slow_sync)
+    monkeypatch.setattr(parse, "parse", parse_during_sync)
+    monkeypatch.setattr(app.records, "accept", record)
+    raw = mail("Printer", "It prints blank pages.")
+    result = app.pipeline.finish(app.pipeline.accept(Envelope(raw, "ingest", "", RCPT)), raw)
+    assert seen == ["parsed while syncing", "synced", "recorded"]  # parsed once, not again
+    assert str(result.outcome) == "created"
+
+
+def test_a_parse_that_raises_during_acceptance_leaves_the_mail_accepted_and_quarantined(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(raw: bytes, limits: parse.Limits) -> ParsedMail:
+        raise RuntimeError("the parser fell over")
+
+    monkeypatch.setattr(parse, "parse", broken)
+    raw = mail("Printer", "It prints blank pages.")
+    accepted = app.pipeline.accept(Envelope(raw, "ingest", "", RCPT))  # raises nothing
+    result = app.pipeline.finish(accepted, raw)
+    assert str(result.outcome) == "quarantined" and result.reason == "failed at parse"
+    row = app.records.inbound(accepted.inbound_id)
+    assert row is not None and row["attempts"] == app.settings.gateway.max_attempts
+
+
+def test_a_large_mail_is_accepted_before_it_is_parsed(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway import pipeline
+
+    rows: list[int] = []
+    real_parse = parse.parse
+
+    def counting_parse(raw: bytes, limits: parse.Limits) -> object:
+        rows.append(int(app.db.value("SELECT COUNT(*) FROM inbound")))
+        return real_parse(raw, limits)
+
+    monkeypatch.setattr(parse, "parse", counting_parse)
+    big = mail("Logs", "x" * (pipeline.EARLY_PARSE_LIMIT + 1))
+    app.pipeline.finish(app.pipeline.accept(Envelope(big, "ingest", "", RCPT)), big)
+    small = mail("Printer", "Blank pages.")
+    app.pipeline.finish(app.pipeline.accept(Envelope(small, "ingest", "", RCPT)), small)
+    assert rows == [1, 1]  # the large one parsed after its row, the small one before its own

@@ -10,7 +10,9 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import threading
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 TMP = "tmp"
@@ -85,6 +87,7 @@ class Spool:
         self.root = root
         self.tmp = root / TMP
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self._helper: ThreadPoolExecutor | None = None
 
     def new_name(self, suffix: str = ".eml") -> str:
         name = os.urandom(16).hex()
@@ -110,8 +113,32 @@ class Spool:
     def sync(self, names: list[str]) -> None:
         """The fsyncs `write(sync=False)` skipped, for a batch: one syncfs where Linux has it
         (files and directory entries in one call), else each file and directory once."""
-        if _syncfs(self.root):
-            return
+        if not _syncfs(self.root):
+            self._sync_each(names)
+
+    def sync_beside(self, names: list[str]) -> Future[None]:
+        """`sync` on a helper thread, while the caller goes on with work of its own (parsing
+        the mail); its result is the sync's end. Returns once the helper is inside syncfs: a
+        thread only waiting to start, or to open a directory, would wait for the caller's
+        work to let go of the interpreter, and the two would take turns instead of overlapping."""
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sync")
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        inside = threading.Event()
+
+        def sync() -> None:
+            try:
+                inside.set()
+                if not _syncfs_fd(fd):
+                    self._sync_each(names)
+            finally:
+                os.close(fd)
+
+        done = self._helper.submit(sync)
+        inside.wait()
+        return done
+
+    def _sync_each(self, names: list[str]) -> None:
         files = {self.root / span(n)[0] for n in names}
         for path in files:
             fsync_file(path)
@@ -181,9 +208,13 @@ def _syncfs(path: Path) -> bool:
         return False
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        return int(_LIBC.syncfs(fd)) == 0
+        return _syncfs_fd(fd)
     finally:
         os.close(fd)
+
+
+def _syncfs_fd(fd: int) -> bool:
+    return _LIBC is not None and hasattr(_LIBC, "syncfs") and int(_LIBC.syncfs(fd)) == 0
 
 
 def _load_libc() -> ctypes.CDLL | None:
