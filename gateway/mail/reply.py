@@ -8,10 +8,9 @@ an interleaved reply (answers between quoted lines) whole, since any cut would l
 
 from __future__ import annotations
 
-import functools
 import re
 
-from mailparser_reply import EmailReplyParser
+from mailparser_reply.parser import EmailMessage
 from mailparser_reply.constants import MAIL_LANGUAGES
 
 # Each language costs one pass of the library's patterns over the text: list only those the
@@ -86,20 +85,34 @@ def _top_posted(text: str, languages: tuple[str, ...]) -> str:
     if not _hints(head):
         return text
     try:
-        reply = _parser(languages).parse_reply(head) or ""
+        reply = latest_reply(head, languages)
     except Exception:  # a regex library failure must not lose the mail; keep it whole
         return text.strip()
     found_quote = len(reply.strip()) < len(head.strip())
     return reply if found_quote or len(text) <= HEAD else text
 
 
+def latest_reply(text: str, languages: tuple[str, ...]) -> str:
+    """What the library's `parse_reply` answers, found with its own patterns but without its
+    pass over the whole text: it splits the text at every header (attribution, separator)
+    it finds and looks for signatures and disclaimers in every piece, then returns only the
+    first non-empty piece. Here the header pattern is searched only as far as the header that
+    ends that piece (a reply's quoted history, often most of it, is never searched). The same
+    steps as the library's `EmailMessage.read`, and tested against `parse_reply`."""
+    message = EmailMessage(text=text, languages=list(languages))  # the library's normalising
+    body, start = message.text, 0
+    for found in message.HEADER_REGEX.finditer(body):
+        for header in filter(None, found.groups()):
+            end = body.find(header, start + 1 if start > 0 else start)
+            piece = body[start:end].strip()  # as the library slices: to -1 when not found
+            start = end if end >= 0 else 0
+            if piece:
+                return piece
+    return body[start:].strip()
+
+
 def known_languages() -> frozenset[str]:
     return frozenset(MAIL_LANGUAGES)
-
-
-@functools.lru_cache(maxsize=8)
-def _parser(languages: tuple[str, ...]) -> EmailReplyParser:
-    return EmailReplyParser(languages=list(languages))
 
 
 def _shape(text: str) -> str:
