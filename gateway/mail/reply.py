@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 
-from mailparser_reply.parser import EmailMessage
 from mailparser_reply.constants import MAIL_LANGUAGES
+from mailparser_reply.parser import EmailMessage
 
 # Each language costs one pass of the library's patterns over the text: list only those the
 # practices write in (gateway.reply_languages).
