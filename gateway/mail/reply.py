@@ -100,9 +100,10 @@ def latest_reply(text: str, languages: tuple[str, ...]) -> str:
     ends that piece (a reply's quoted history, often most of it, is never searched). The same
     steps as the library's `EmailMessage.read`, and tested against `parse_reply`."""
     message = EmailMessage(text=text, languages=list(languages))  # the library's normalising
-    body, start = message.text, 0
+    body: str = message.text
+    start = 0
     for found in message.HEADER_REGEX.finditer(body):
-        for header in filter(None, found.groups()):
+        for header in filter(None, found.groups()):  # each non-empty group, as findall's
             end = body.find(header, start + 1 if start > 0 else start)
             piece = body[start:end].strip()  # as the library slices: to -1 when not found
             start = end if end >= 0 else 0
