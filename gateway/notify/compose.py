@@ -78,7 +78,8 @@ TAG = re.compile(r"\[\s*([^\[\]]{1,40}?)\s*\]\s*")
 
 
 def write_spec(template: str, context: dict[str, Any], h: Headers) -> str:
-    fields = {**dataclasses.asdict(h), "to": [h.to.email, h.to.name], "date": h.date.isoformat()}
+    fields = {f.name: getattr(h, f.name) for f in dataclasses.fields(h)}  # asdict copies deeply
+    fields.update(to=[h.to.email, h.to.name], date=h.date.isoformat())
     return json.dumps({"template": template, "context": context, "headers": fields})
 
 
