@@ -118,9 +118,10 @@ class Spool:
 
     def sync_beside(self, names: list[str]) -> Future[None]:
         """`sync` on a helper thread, while the caller goes on with work of its own (parsing
-        the mail); its result is the sync's end. Returns once the helper is inside syncfs: a
-        thread only waiting to start, or to open a directory, would wait for the caller's
-        work to let go of the interpreter, and the two would take turns instead of overlapping."""
+        the mail); its result is the sync's end. Returns once the helper has started, with
+        nothing but the system call left to do (the directory is opened here): a helper still
+        waiting to start, or to open a directory, would wait for the caller's work to let go
+        of the interpreter's lock, and the two would take turns instead of overlapping."""
         if self._helper is None:
             self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sync")
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
