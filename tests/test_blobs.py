@@ -81,3 +81,22 @@ def test_a_failed_batch_write_leaves_each_mail_to_store_its_own(
     assert files.run_import(pipeline, folder, lambda n: None, batch=3, workers=2)["created"] == 3
     for data in kept:
         assert app.blobs.read(sha(data)) == data
+
+
+def test_a_streamed_attachment_syncs_its_directory_and_only_the_directories_it_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.store import files as store_files
+
+    synced: list[str] = []
+    monkeypatch.setattr(store_files, "fsync_dir", lambda d: synced.append(str(d)))
+    blobs = Blobs(tmp_path / "attachments")
+    first = "abcd" + "0" * 60
+    blobs.put_chunks(first, iter([b"part one, ", b"part two"]))
+    root = str(blobs.root)
+    assert sorted(synced) == sorted([f"{root}/ab/cd", f"{root}/ab", root])  # two new levels
+    assert blobs.read(first) == b"part one, part two"
+    synced.clear()
+    blobs.put_chunks("abcd" + "1" * 60, iter([b"another"]))  # same directories, existing now
+    assert synced == [f"{root}/ab/cd"]
+    assert not list(blobs.tmp.iterdir())

@@ -181,8 +181,12 @@ def _stored_payload(part: Message) -> object:
 def _check_size(raw: bytes, limits: Limits) -> Rejection | None:
     if len(raw) > limits.max_message_size:
         return Rejection("max_message_size", f"{len(raw)} bytes > {limits.max_message_size}")
+    # Searched no further than the limit: a mail with LF line ends has no CRLF pair to find,
+    # and the search would otherwise run through its whole body.
+    within = limits.max_header_size + 4
     head_end = min(
-        (i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0), default=len(raw)
+        (i for i in (raw.find(b"\r\n\r\n", 0, within), raw.find(b"\n\n", 0, within)) if i >= 0),
+        default=len(raw),
     )
     if head_end > limits.max_header_size:
         return Rejection("max_header_size", f"header block over {limits.max_header_size} bytes")

@@ -260,7 +260,7 @@ class Blobs:
         target = self.path(sha256)
         if target.exists():
             return
-        target.parent.mkdir(parents=True, exist_ok=True)
+        created = _ensure_dir(str(target.parent))
         tmp = self.tmp / f"{os.getpid()}-{os.urandom(8).hex()}.tmp"
         try:
             with open(tmp, "xb") as f:
@@ -272,8 +272,9 @@ class Blobs:
             tmp.unlink(missing_ok=True)  # a long-lived worker would not sweep it before a restart
             raise
         os.rename(tmp, target)
-        for directory in (target.parent, target.parent.parent, self.root):
-            fsync_dir(directory)
+        fsync_dir(target.parent)
+        for directory in created:  # a new directory's own entry must be durable too
+            fsync_dir(os.path.dirname(directory))
 
     def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
         """Several attachments (sha256, bytes) made durable together, for a batch: two flushes
