@@ -251,6 +251,8 @@ class Pipeline:
                 continue
             for a in self._to_store(row, mail):
                 if a.size < BATCHED_ATTACHMENT:  # held whole: one sync for the batch's files
+                    # (one kept out of the parser was decoded once already, to hash it: the
+                    # same decoding of the same bytes cannot fail now)
                     small.append((a.sha256, b"".join(a.chunks())))
                 else:
                     _ahead(self.blobs.put_chunks, a.sha256, a.chunks())
