@@ -54,6 +54,9 @@ EARLIER_LIMIT = 100  # waiting mails an ingest finishes before its own; recovery
 # a mail big enough to exhaust memory must be accepted (its attempts counted) before it is
 # parsed, or it would end in an MTA's endless retries instead of in quarantine.
 EARLY_PARSE_LIMIT = 1024 * 1024
+# Attachments of an import batch under this size are stored together (one sync for all);
+# larger ones are streamed one by one, never whole in memory.
+BATCHED_ATTACHMENT = 1 << 20
 Parsed = Callable[[int], ParsedMail | Rejection]  # inbound id -> its mail, parsed elsewhere
 
 
@@ -247,8 +250,10 @@ class Pipeline:
             if row is None or row["state"] != "accepted" or not isinstance(mail, ParsedMail):
                 continue
             for a in self._to_store(row, mail):
-                if a.content is None:
-                    small.append((a.sha256, a.data))
+                if a.size < BATCHED_ATTACHMENT:  # held whole: one sync for the batch's files
+                    # (one kept out of the parser was decoded once already, to hash it: the
+                    # same decoding of the same bytes cannot fail now)
+                    small.append((a.sha256, b"".join(a.chunks())))
                 else:
                     _ahead(self.blobs.put_chunks, a.sha256, a.chunks())
         _ahead(self.blobs.put_many, small)

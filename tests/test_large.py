@@ -208,6 +208,30 @@ def test_a_large_base64_body_text_is_read_as_text() -> None:
     assert isinstance(got, ParsedMail) and got.body.startswith("The scan is attached.")
 
 
+def test_a_large_inline_screenshot_is_decoded_piece_by_piece() -> None:
+    """A picture pasted into a mail: inline, named and cited by Content-ID. mail-parser takes
+    a named part as a file without reading it as text, so its bytes change no defect."""
+    data = os.urandom(BIG)
+    part = (
+        b"Content-Type: image/png\r\nContent-Transfer-Encoding: base64\r\n"
+        b"Content-ID: <image001@practice.example>\r\n"
+        b'Content-Disposition: inline; filename="image001.png"\r\n\r\n' + b64_lines(data)
+    )
+    got = assert_same(multipart(part))
+    assert isinstance(got, ParsedMail) and spliced(got) == 1
+    (a,) = got.attachments
+    assert (a.filename, a.inline, a.size) == ("image001.png", True, len(data))
+
+
+def test_a_large_named_inline_text_part_is_read_as_text_as_usual() -> None:
+    text = ("The printer prints blank pages. " * 60_000).encode()
+    part = (
+        b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n"
+        b'Content-Disposition: inline; filename="notes.txt"\r\n\r\n' + b64_lines(text)
+    )
+    assert spliced(assert_same(multipart(part))) == 0
+
+
 def test_winmail_dat_is_unpacked_as_usual() -> None:
     raw = with_file(os.urandom(BIG), "winmail.dat", "application/ms-tnef")
     assert spliced(assert_same(raw)) == 0
@@ -244,9 +268,11 @@ def generated_mails(draw: st.DrawFn) -> bytes:
         data = draw(st.binary(min_size=20, max_size=400))
         body = damaged(draw, b64_lines(data, draw(st.integers(4, 80)), eol))
         disposition = draw(st.sampled_from([b'attachment; filename="scan.pdf"'] * 2 + [
-            b"attachment", b'attachment; filename="winmail.dat"', b"inline", b'inline; name=a']))
+            b"attachment", b'attachment; filename="winmail.dat"', b"inline", b'inline; name=a',
+            b'inline; filename="image001.png"']))
         ctype = draw(st.sampled_from([b"application/pdf"] * 4 + [
-            b"text/plain", b"message/rfc822", b"multipart/mixed; boundary=C"]))
+            b"text/plain", b"text/html", b"image/png", b"message/rfc822",
+            b"multipart/mixed; boundary=C"]))
         cte = draw(st.sampled_from([b"base64"] * 3 + [b"7bit", b"quoted-printable", b"BASE64"]))
         parts.append(b"Content-Type: %s\r\nContent-Transfer-Encoding: %s\r\n"
                      b"Content-Disposition: %s\r\n\r\n%s" % (ctype, cte, disposition, body))

@@ -332,11 +332,15 @@ class _ParsedBuilder:
 
     def _attach_spliced(self, part: Message, ctype: str, splicer: _Splicer) -> None:
         """A large body put back from the raw mail; only a plain attachment's, else the whole
-        mail is parsed the usual way. Only `Content-Disposition: attachment`: mail-parser
+        mail is parsed the usual way. Only a part mail-parser takes as a file without reading
+        it as text (`Content-Disposition: attachment`, or a file name on anything but an inline
+        text/plain or text/html part, as on a screenshot pasted into a mail): mail-parser
         decodes any other part as text to report charset defects, which depend on its bytes."""
         filename = part.get_filename()
+        disposition = part.get_content_disposition()
+        read_as_text = disposition == "inline" and ctype in ("text/plain", "text/html")
         if (
-            part.get_content_disposition() != "attachment"
+            not (disposition == "attachment" or (filename and not read_as_text))
             or tnef.is_tnef(ctype, filename)
             or _is_body_text(part, filename)
         ):
