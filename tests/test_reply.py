@@ -80,6 +80,10 @@ def test_generated_replies_give_the_librarys_answer(
 def test_the_header_pattern_has_several_groups_as_the_shortcut_assumes() -> None:
     # With a single group the library's findall would hand back strings, not tuples of groups.
     assert EmailMessage(text="", languages=list(LANGUAGES)).HEADER_REGEX.groups > 1
+    # and the pattern built once per language set is the one a message builds for itself
+    for languages in (LANGUAGES, ("en",), ("de", "fr")):
+        built = EmailMessage(text="x", languages=list(languages)).HEADER_REGEX
+        assert reply._header_pattern(languages).pattern == built.pattern
 
 
 def test_a_long_quoted_history_after_the_reply_leaves_its_own_words() -> None:

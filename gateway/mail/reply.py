@@ -8,6 +8,7 @@ an interleaved reply (answers between quoted lines) whole, since any cut would l
 
 from __future__ import annotations
 
+import functools
 import re
 
 from mailparser_reply.constants import MAIL_LANGUAGES
@@ -99,10 +100,9 @@ def latest_reply(text: str, languages: tuple[str, ...]) -> str:
     first non-empty piece. Here the header pattern is searched only as far as the header that
     ends that piece (a reply's quoted history, often most of it, is never searched). The same
     steps as the library's `EmailMessage.read`, and tested against `parse_reply`."""
-    message = EmailMessage(text=text, languages=list(languages))  # the library's normalising
-    body: str = message.text
+    body: str = EmailMessage(text=text, languages=list(languages)).text  # its normalising
     start = 0
-    for found in message.HEADER_REGEX.finditer(body):
+    for found in _header_pattern(languages).finditer(body):
         for header in filter(None, found.groups()):  # each non-empty group, as findall's
             end = body.find(header, start + 1 if start > 0 else start)
             piece = body[start:end].strip()  # as the library slices: to -1 when not found
@@ -110,6 +110,14 @@ def latest_reply(text: str, languages: tuple[str, ...]) -> str:
             if piece:
                 return piece
     return body[start:].strip()
+
+
+@functools.lru_cache(maxsize=8)
+def _header_pattern(languages: tuple[str, ...]) -> re.Pattern[str]:
+    """The library's header pattern for these languages, built once (it joins every language's
+    patterns into one each time a message asks)."""
+    pattern: re.Pattern[str] = EmailMessage(text="", languages=list(languages)).HEADER_REGEX
+    return pattern
 
 
 def known_languages() -> frozenset[str]:
