@@ -10,6 +10,7 @@ import dataclasses
 import email.message
 import hashlib
 import os
+import re
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -393,3 +394,30 @@ def test_a_large_attachment_parsed_in_the_import_pool_is_stored(app: App, tmp_pa
     assert files.run_import(app.pipeline, folder, lambda n: None, workers=2)["created"] == 1
     assert stored(app) == expected(raw)
     assert hashlib.sha256(app.blobs.read(stored(app)[0][0])).hexdigest() == stored(app)[0][0]
+
+
+# --- finding a blank line fast ----------------------------------------------------------------
+
+# A blank line as the parser splits lines (on CRLF, CR and LF): a line break right after another.
+BLANK = re.compile(rb"\n\n|\n\r|\r\r")
+
+
+@FAST
+@given(
+    st.lists(st.sampled_from([b"Q", b"\r", b"\n", b"\r\n"]), max_size=60).map(b"".join),
+    st.integers(1, 9),
+)
+def test_a_blank_line_is_found_across_any_window_edges(text: bytes, window: int) -> None:
+    # Windows of a few bytes put every line break on some window's edge; `start` is a line's
+    # start, as large_runs hands it over.
+    raw = b"Q" + text + b"Q"
+    assert large.has_blank_line(raw, 0, len(raw), window) == bool(BLANK.search(raw))
+
+
+@pytest.mark.parametrize("blank", [b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\r", b"\r\n\n", b"\r\r\n"])
+def test_a_blank_line_inside_a_large_base64_run_keeps_it_in_the_parser(blank: bytes) -> None:
+    lines = b64_lines(os.urandom(BIG)).split(b"\r\n")
+    half = len(lines) // 2
+    broken = b"\r\n".join(lines[:half]) + blank + b"\r\n".join(lines[half:])
+    got = assert_same(multipart(file_part(broken)))
+    assert spliced(got) == 0

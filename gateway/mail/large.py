@@ -28,10 +28,11 @@ from dataclasses import dataclass, field, replace
 LARGE = 1 << 16
 WINDOW = 1 << 16  # the raw bytes are examined in windows this size (at most)
 CHUNK = 1 << 18  # encoded bytes decoded at a time: a few copies of this are all a body costs
-B64_TEXT = re.compile(rb"[A-Za-z0-9+/=\r\n]*")
-# A blank line, as the parser splits lines (on CRLF, CR and LF): a terminator right after one.
-BLANK_LINE = re.compile(rb"\n\n|\n\r|\r\r")
 NEWLINES = b"\r\n"
+# What a base64 body's lines hold; deleting them (bytes.translate) leaves nothing of such lines,
+# several times faster than a regular expression's character class over the same bytes.
+B64_TEXT = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=" + NEWLINES
+BLANK_WINDOW = CHUNK  # bytes split into lines at a time when looking for a blank one
 PREFIX = b"ECRLARGEPART"
 FORGED = re.compile(re.escape(PREFIX) + rb"(X*)")
 
@@ -74,7 +75,7 @@ def large_runs(raw: bytes, large: int = LARGE) -> list[tuple[int, int]]:
     runs = []
     for start, end in _clean_windows(raw, max(16, min(WINDOW, large // 16))):
         s, e = _whole_lines(raw, start, end)
-        if e - s >= large and not BLANK_LINE.search(raw, s, e):
+        if e - s >= large and not has_blank_line(raw, s, e):
             runs.append((s, e))
     return runs
 
@@ -84,7 +85,7 @@ def _clean_windows(raw: bytes, window: int) -> Iterator[tuple[int, int]]:
     start = -1
     for pos in range(0, len(raw), window):
         end = min(pos + window, len(raw))
-        if B64_TEXT.fullmatch(raw, pos, end):
+        if not raw[pos:end].translate(None, B64_TEXT):
             start = pos if start < 0 else start
             continue
         if start >= 0:
@@ -107,6 +108,25 @@ def _whole_lines(raw: bytes, start: int, end: int) -> tuple[int, int]:
     return start, end
 
 
+def has_blank_line(raw: bytes, start: int, end: int, window: int = BLANK_WINDOW) -> bool:
+    """Whether the lines from `start` (a line's start) to `end` hold an empty one, the lines
+    split as the parser splits them: on CRLF, CR and LF. bytes.splitlines splits the same way,
+    and runs far faster than a search for the three two-byte forms of a blank line (LF LF,
+    LF CR, CR CR); it is given a window at a time, so a long run is never held as lines whole.
+    Each later window starts one byte early, so a blank line across a window's edge is whole
+    in the next one; that byte may leave an empty first line (a line break that belongs to the
+    window before), which is why a later window's first line does not count."""
+    at = start
+    while at < end:
+        first = at == start
+        stop = min(at + window, end)
+        lines = raw[at if first else at - 1 : stop].splitlines()
+        if b"" in (lines if first else lines[1:]):
+            return True
+        at = stop
+    return False
+
+
 def _next_break(raw: bytes, start: int, end: int) -> int:
     found = [i for i in (raw.find(b"\n", start, end), raw.find(b"\r", start, end)) if i >= 0]
     return min(found, default=end)
@@ -115,6 +135,8 @@ def _next_break(raw: bytes, start: int, end: int) -> int:
 def _unused_prefix(raw: bytes) -> bytes:
     """A placeholder prefix that occurs nowhere in the mail, so no placeholder can be forged:
     one X more than the longest run of them after PREFIX in the mail (one pass over it)."""
+    if raw.find(PREFIX) < 0:  # the usual case, found by one fast scan
+        return PREFIX
     longest = max((len(m.group(1)) for m in FORGED.finditer(raw)), default=-1)
     return PREFIX + b"X" * (longest + 1)
 
