@@ -11,9 +11,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.config import ConfigError, load_settings
 from gateway.mail import classify, names, rules, tokens
+from gateway.mail import parse as parse_mod
 from gateway.mail.match import reference_pattern
 from gateway.mail.parse import identity, parse
 from gateway.model import Address, Kind, ParsedMail
@@ -605,3 +608,50 @@ def test_a_from_header_seen_before_is_judged_by_the_mail_it_is_in() -> None:
         False,
         "several From headers",
     )
+
+
+PLAIN_FROMS = [
+    "Dr 1 <gp1@practice1.example>",
+    "gp@practice.example",
+    "<GP@Practice.Example>",
+    "O'Brien J <j.o-brien+desk@mail.practice.co.uk>",
+    "Reception #2 ~ West <front_desk@west-practice.example>",
+]
+
+
+@pytest.mark.parametrize("raw", PLAIN_FROMS)
+def test_a_plain_from_header_takes_the_short_way_to_the_parsers_answer(raw: str) -> None:
+    plain = parse_mod._plain_identity(raw)
+    assert plain is not None
+    assert plain == parse_mod._checked_identity(raw)
+
+
+# Names, local parts and domains, plain ones beside those either parser reads its own way.
+NAME_WORD = st.sampled_from(
+    ["Dr", "a", "O'Brien", "#2", "~", "Dr.", '"Dr"', 'a"b', "(x)", "a,b", "a;b", "a:b", "a@b",
+     "<x>", "=?utf-8?q?Dr?=", "=", "?", "\\", "é", "[x]"]
+)
+LOCAL = st.sampled_from(
+    ["gp1", "j.o-brien+desk", "A_B", "a..b", ".a", "a.", 'x"y', '"a b"', "a b", "é", "a(b)"]
+)
+DOMAIN = st.sampled_from(
+    ["practice.example", "Practice.Example", "a-b.co.uk", "localhost", "x", "a..b", "a.",
+     "[127.0.0.1]", "é.example", "a_b.example", "a b.example"]
+)
+
+
+@settings(max_examples=1000, deadline=None, database=None)
+@given(
+    st.lists(NAME_WORD, max_size=3),
+    st.sampled_from([" ", "  ", "\t", ""]),
+    LOCAL,
+    DOMAIN,
+    st.sampled_from(["{name} <{addr}>", "<{addr}>", "{addr}", "{name}<{addr}>", "{name} {addr}",
+                     " <{addr}>", "{name} <{addr}> ", "<{addr}>, <{addr}>"]),
+)
+def test_a_from_header_that_takes_the_short_way_is_read_as_both_parsers_read_it(
+    words: list[str], gap: str, local: str, domain: str, form: str
+) -> None:
+    raw = form.format(name=gap.join(words), addr=f"{local}@{domain}")
+    plain = parse_mod._plain_identity(raw)
+    assert plain is None or plain == parse_mod._checked_identity(raw)

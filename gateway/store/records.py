@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from gateway.store.db import Database, Row
 KEYS_PER_QUERY = 500  # dedupe keys looked up at once, well under SQLite's variable limit
 
 
+@functools.lru_cache(maxsize=64)  # one mail's rows and events all stamp the same moment
 def iso(dt: datetime) -> str:
     return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
