@@ -107,6 +107,26 @@ def test_a_large_attachment_never_exists_whole_while_parsing() -> None:
     assert peak < len(raw) / 4, f"parsing held {peak} bytes for a {len(raw)}-byte mail"
 
 
+@pytest.mark.parametrize(
+    ("size", "decodings"), [(200_000, 1), (large.HELD, 1), (large.HELD + 1, 3), (BIG, 3)]
+)
+def test_a_kept_out_body_up_to_the_held_size_is_decoded_once(
+    monkeypatch: pytest.MonkeyPatch, size: int, decodings: int
+) -> None:
+    """Measured while parsing, then stored: a body of HELD bytes or less is not decoded again
+    to be stored; a larger one is, each time, so that it never exists whole."""
+    calls: list[int] = []
+    decode = large.base64_decoded
+    monkeypatch.setattr(large, "base64_decoded", lambda p: calls.append(1) or decode(p))
+    data = os.urandom(size)
+    got = parse(with_file(data))
+    assert isinstance(got, ParsedMail) and spliced(got) == 1
+    (attachment,) = got.attachments
+    assert b"".join(attachment.chunks()) == data
+    assert b"".join(attachment.chunks()) == data
+    assert len(calls) == decodings
+
+
 def test_two_large_attachments_and_a_small_one_keep_their_order() -> None:
     files = [("a.bin", "application/octet-stream", os.urandom(BIG)),
              ("b.txt", "text/plain", b"small\n"),

@@ -28,6 +28,9 @@ from dataclasses import dataclass, field, replace
 LARGE = 1 << 16
 WINDOW = 1 << 16  # the raw bytes are examined in windows this size (at most)
 CHUNK = 1 << 18  # encoded bytes decoded at a time: a few copies of this are all a body costs
+# A body decoded to no more than this is held once measured, so storing it does not decode it
+# again: small beside the mail it came in, which is in memory anyway.
+HELD = 1 << 20
 NEWLINES = b"\r\n"
 # What a base64 body's lines hold; deleting them (bytes.translate) leaves nothing of such lines,
 # several times faster than a regular expression's character class over the same bytes.
@@ -150,9 +153,12 @@ class Spliced:
     pieces: tuple[Piece, ...]
     base64: bool
     size: int = -1  # the decoded size, once measured
+    held: bytes | None = field(default=None, repr=False, compare=False)  # see HELD
 
     def chunks(self) -> Iterator[bytes]:
         """The decoded bytes in pieces; ValueError where a base64 body is not well formed."""
+        if self.held is not None:
+            return iter((self.held,))
         encoded = self._encoded()
         return base64_decoded(encoded) if self.base64 else encoded
 
@@ -179,14 +185,20 @@ def spliced(raw: bytes, payload: bytes, found: Skeleton, base64: bool) -> Splice
 
 
 def measured(content: Spliced) -> tuple[Spliced, str]:
-    """The content with its decoded size, and its sha256, decoded once and let go of piece by
-    piece; ValueError where it cannot be decoded."""
+    """The content with its decoded size, and its sha256, decoded once; the decoded bytes are
+    let go of piece by piece, or held when they come to HELD bytes at most. ValueError where it
+    cannot be decoded."""
     digest = hashlib.sha256()
     size = 0
+    kept: list[bytes] | None = []
     for chunk in content.chunks():
         digest.update(chunk)
         size += len(chunk)
-    return replace(content, size=size), digest.hexdigest()
+        if kept is not None:
+            kept.append(chunk)
+            kept = kept if size <= HELD else None
+    held = b"".join(kept) if kept is not None else None
+    return replace(content, size=size, held=held), digest.hexdigest()
 
 
 def base64_decoded(pieces: Iterable[bytes]) -> Iterator[bytes]:
