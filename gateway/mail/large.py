@@ -196,7 +196,8 @@ def measured(content: Spliced) -> tuple[Spliced, str]:
         size += len(chunk)
         if kept is not None:
             kept.append(chunk)
-            kept = kept if size <= HELD else None
+            if size > HELD:  # too large to hold: let go of it piece by piece after all
+                kept = None
     held = b"".join(kept) if kept is not None else None
     return replace(content, size=size, held=held), digest.hexdigest()
 
