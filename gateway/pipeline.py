@@ -116,8 +116,8 @@ class Pipeline:
         (arrival,) = self.arrive_many([envelope])
         synced = self.spool.sync_beside([arrival.spool_name])
         parsed = _parse_now(envelope.raw, self.p.limits)
-        # The row's statements run while the sync may still be going on; only its commit waits.
-        (accepted,) = self.record_arrivals([arrival], before_commit=synced.result)
+        synced.result()
+        (accepted,) = self.record_arrivals([arrival])
         self._early = (envelope.raw, parsed)
         return accepted
 
@@ -133,12 +133,9 @@ class Pipeline:
         self.spool.sync([a.spool_name for a in arrivals])
         return self.record_arrivals(arrivals)
 
-    def record_arrivals(
-        self, arrivals: Sequence[Arrival], before_commit: Callable[[], object] = lambda: None
-    ) -> list[Accepted]:
-        """Rows for arrivals whose spool files are durable (or will be when `before_commit`
-        returns), in one durable commit."""
-        accepted = self.records.accept(arrivals, before_commit)
+    def record_arrivals(self, arrivals: Sequence[Arrival]) -> list[Accepted]:
+        """Rows for arrivals whose spool files are durable, in one durable commit."""
+        accepted = self.records.accept(arrivals)
         for a, arrival in zip(accepted, arrivals, strict=True):
             log.info(
                 "inbound %d accepted from %s, %d bytes%s",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -73,12 +73,8 @@ class Records:
 
     # --- acceptance -------------------------------------------------------------------------
 
-    def accept(
-        self, arrivals: Sequence[Arrival], before_commit: Callable[[], object] = lambda: None
-    ) -> list[Accepted]:
-        """Insert the rows in one durable commit; a known key is recorded as a duplicate.
-        `before_commit` runs last before the commit, and an exception from it rolls back: a
-        wait for the spool files' sync, so that the statements are ready when it ends."""
+    def accept(self, arrivals: Sequence[Arrival]) -> list[Accepted]:
+        """Insert the rows in one durable commit; a known key is recorded as a duplicate."""
         with self.db.write(durable=True):
             firsts = self._firsts({a.dedupe_key for a in arrivals})
             accepted = []
@@ -86,7 +82,6 @@ class Records:
                 one = self._insert(arrival, firsts.get(arrival.dedupe_key))
                 firsts.setdefault(arrival.dedupe_key, (one.inbound_id, None))  # twice in one batch
                 accepted.append(one)
-            before_commit()
             return accepted
 
     def _firsts(self, keys: set[str]) -> dict[str, tuple[int, int | None]]:
