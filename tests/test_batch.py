@@ -3,8 +3,10 @@ fails leaves nothing behind and the others are kept; attempts are counted before
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
+from contextlib import closing
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -132,10 +134,14 @@ def test_a_lone_mail_is_parsed_while_its_spool_file_syncs_and_recorded_after_the
     syncing = threading.Event()
     real_parse, real_accept = parse.parse, app.records.accept
 
+    def committed_rows() -> int:  # from another connection: what is committed, nothing else
+        with closing(sqlite3.connect(app.settings.data_dir / "gateway.db")) as other:
+            return int(other.execute("SELECT COUNT(*) FROM inbound").fetchone()[0])
+
     def slow_sync(fd: int) -> bool:
         syncing.set()
         time.sleep(0.2)  # a slow disk: the parse has time to run meanwhile
-        seen.append("synced")
+        seen.append("synced" if committed_rows() == 0 else "synced after the row's commit")
         return True
 
     def parse_during_sync(raw: bytes, limits: parse.Limits) -> object:
@@ -153,6 +159,21 @@ def test_a_lone_mail_is_parsed_while_its_spool_file_syncs_and_recorded_after_the
     result = app.pipeline.finish(app.pipeline.accept(Envelope(raw, "ingest", "", RCPT)), raw)
     assert seen == ["parsed while syncing", "synced", "recorded"]  # parsed once, not again
     assert str(result.outcome) == "created"
+
+
+def test_a_lone_mail_whose_spool_sync_fails_is_not_accepted(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.store import files as store_files
+
+    def failing_sync(fd: int) -> bool:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store_files, "_syncfs_fd", failing_sync)
+    with pytest.raises(OSError):
+        app.pipeline.accept(Envelope(mail("Printer", "Blank pages."), "ingest", "", RCPT))
+    assert app.db.value("SELECT COUNT(*) FROM inbound") == 0
+    assert not app.db.conn.in_transaction
 
 
 def test_a_parse_that_raises_during_acceptance_leaves_the_mail_accepted_and_quarantined(
