@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from gateway.mail import classify as classify_mod
+from gateway.mail import large, rules
 from gateway.mail import match as match_mod
 from gateway.mail import parse as parse_mod
-from gateway.mail import rules
 from gateway.model import (
     Attachment,
     Classification,
@@ -55,8 +55,9 @@ EARLIER_LIMIT = 100  # waiting mails an ingest finishes before its own; recovery
 # parsed, or it would end in an MTA's endless retries instead of in quarantine.
 EARLY_PARSE_LIMIT = 1024 * 1024
 # Attachments of an import batch under this size are stored together (one sync for all);
-# larger ones are streamed one by one, never whole in memory.
-BATCHED_ATTACHMENT = 1 << 20
+# larger ones are streamed one by one, never whole in memory. Kept-out bodies this small are
+# held decoded already (large.HELD), so storing them together decodes nothing again.
+BATCHED_ATTACHMENT = large.HELD
 Parsed = Callable[[int], ParsedMail | Rejection]  # inbound id -> its mail, parsed elsewhere
 
 
@@ -251,8 +252,7 @@ class Pipeline:
                 continue
             for a in self._to_store(row, mail):
                 if a.size < BATCHED_ATTACHMENT:  # held whole: one sync for the batch's files
-                    # (one kept out of the parser was decoded once already, to hash it: the
-                    # same decoding of the same bytes cannot fail now)
+                    # (one kept out of the parser is held since it was measured: large.HELD)
                     small.append((a.sha256, b"".join(a.chunks())))
                 else:
                     _ahead(self.blobs.put_chunks, a.sha256, a.chunks())
