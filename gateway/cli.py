@@ -19,6 +19,7 @@ from gateway.inbound import files
 from gateway.model import Envelope, Status
 from gateway.notify.render import TemplateProblem
 from gateway.staff import StaffError
+from gateway.store.db import NotDurable
 
 EX_USAGE = 64  # sysexits.h: the MTA-facing exit codes of `ingest`
 EX_TEMPFAIL = 75
@@ -136,10 +137,16 @@ def ingest(ctx: click.Context, file: str, sender: str, recipients: tuple[str, ..
         try:
             accepted = app.pipeline.accept(envelope)
         except Exception as exc:
-            raise Failure(
-                f"not accepted, try later: {type(exc).__name__}: {exc}", EX_TEMPFAIL
-            ) from None
-        emit(app.pipeline.finish(accepted, raw).as_json())
+            raise not_accepted(exc) from None
+        try:
+            result = app.pipeline.finish(accepted, raw)
+        except NotDurable as exc:  # the acceptance's flush, made while processing, failed
+            raise not_accepted(exc) from None
+        emit(result.as_json())
+
+
+def not_accepted(exc: Exception) -> Failure:
+    return Failure(f"not accepted, try later: {type(exc).__name__}: {exc}", EX_TEMPFAIL)
 
 
 @cli.command("import")

@@ -34,7 +34,7 @@ from gateway.model import (
     Rung,
 )
 from gateway.notify.notifier import Notifier
-from gateway.store.db import Row
+from gateway.store.db import NotDurable, Row
 from gateway.store.files import Blobs, Spool
 from gateway.store.records import Accepted, Arrival, Records
 
@@ -107,18 +107,22 @@ class Pipeline:
     # --- 1 accept ------------------------------------------------------------------------------
 
     def accept(self, envelope: Envelope) -> Accepted:
-        """One mail, accepted by a process that goes on to process it (`ingest`): while its
-        spool file is synced on a helper thread (one system call, free of the interpreter's
-        lock for its whole length), the mail is parsed here, and `finish` takes that parse up
-        instead of parsing again. Parsing is pure: what it finds counts only once the mail is
-        accepted, and a parse that fails is an attempt's failure, recorded by `finish`."""
+        """One mail, accepted by a process that goes on to process it (`ingest`), with its two
+        flushes each made on a helper thread (one system call, free of the interpreter's lock
+        for its whole length) beside work of its own: while the spool file is synced, the mail
+        is parsed here, and `finish` takes that parse up instead of parsing again; while the
+        row's commit is flushed, `finish` applies the mail, whose own commit waits for that
+        flush. Only `finish`'s return (or a `settle()`) says the mail is durably accepted.
+
+        Parsing is pure: what it finds counts only once the mail is accepted, and a parse
+        that fails is an attempt's failure, recorded by `finish`."""
         if len(envelope.raw) > EARLY_PARSE_LIMIT:
             return self.accept_many([envelope])[0]
         (arrival,) = self.arrive_many([envelope])
         synced = self.spool.sync_beside([arrival.spool_name])
         parsed = _parse_now(envelope.raw, self.p.limits)
         synced.result()
-        (accepted,) = self.record_arrivals([arrival])
+        (accepted,) = self.record_arrivals([arrival], beside=True)
         self._early = (envelope.raw, parsed)
         return accepted
 
@@ -134,9 +138,10 @@ class Pipeline:
         self.spool.sync([a.spool_name for a in arrivals])
         return self.record_arrivals(arrivals)
 
-    def record_arrivals(self, arrivals: Sequence[Arrival]) -> list[Accepted]:
-        """Rows for arrivals whose spool files are durable, in one durable commit."""
-        accepted = self.records.accept(arrivals)
+    def record_arrivals(self, arrivals: Sequence[Arrival], beside: bool = False) -> list[Accepted]:
+        """Rows for arrivals whose spool files are durable, in one durable commit (whose
+        flush may still be running `beside`: `Database.write`)."""
+        accepted = self.records.accept(arrivals, beside)
         for a, arrival in zip(accepted, arrivals, strict=True):
             log.info(
                 "inbound %d accepted from %s, %d bytes%s",
@@ -179,7 +184,14 @@ class Pipeline:
         """Process an accepted mail: first any mail accepted before it and left waiting (a
         crashed ingest), so a reply never overtakes the mail it answers. `raw`, the mail as
         accepted, is parsed as it is instead of being read back from the spool (one copy of
-        a large mail in memory, not two)."""
+        a large mail in memory, not two). Returns once the acceptance is durable too; raises
+        `NotDurable` when it could not be made so (the sender must send again)."""
+        try:
+            return self._finish(accepted, raw)
+        finally:
+            self.records.db.settle()
+
+    def _finish(self, accepted: Accepted, raw: bytes | None) -> Result:
         early, self._early = self._early, None
         self.process_many(self.earlier_than(accepted.inbound_id))
         if raw is None:
@@ -290,6 +302,8 @@ class Pipeline:
                 return self._reject(inbound_id, parsed)
             step = "apply"
             return self._apply(inbound_id, row, parsed)
+        except NotDurable:
+            raise  # the acceptance itself failed: not this attempt's to record
         except Exception as exc:
             return self._failed(inbound_id, step, exc)
 

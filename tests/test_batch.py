@@ -3,7 +3,10 @@ fails leaves nothing behind and the others are kept; attempts are counted before
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from contextlib import closing
@@ -18,8 +21,9 @@ from gateway.inbound import files
 from gateway.mail import parse
 from gateway.model import Classification, Envelope, Match, ParsedMail, Plan, Result
 from gateway.pipeline import Pipeline
+from gateway.store.db import NotDurable
 from gateway.store.records import Records
-from tests.conftest import Clock, mail
+from tests.conftest import Clock, mail, run_cli
 
 RCPT = ("support@localhost",)
 
@@ -148,9 +152,9 @@ def test_a_lone_mail_is_parsed_while_its_spool_file_syncs_and_recorded_after_the
         seen.append("parsed while syncing" if syncing.is_set() and not seen else "parsed")
         return real_parse(raw, limits)
 
-    def record(arrivals: Any) -> Any:
+    def record(arrivals: Any, beside: bool = False) -> Any:
         seen.append("recorded")
-        return real_accept(arrivals)
+        return real_accept(arrivals, beside)
 
     monkeypatch.setattr(store_files, "_syncfs_fd", slow_sync)
     monkeypatch.setattr(parse, "parse", parse_during_sync)
@@ -174,6 +178,95 @@ def test_a_lone_mail_whose_spool_sync_fails_is_not_accepted(
         app.pipeline.accept(Envelope(mail("Printer", "Blank pages."), "ingest", "", RCPT))
     assert app.db.value("SELECT COUNT(*) FROM inbound") == 0
     assert not app.db.conn.in_transaction
+
+
+def committed(app: App, sql: str) -> Any:
+    """What another connection sees: what is committed, nothing else."""
+    with closing(sqlite3.connect(app.settings.data_dir / "gateway.db")) as other:
+        return other.execute(sql).fetchone()[0]
+
+
+def test_a_lone_mail_is_applied_while_its_row_is_flushed_and_its_outcome_committed_after(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.store import db as store_db
+
+    seen: list[str] = []
+    flushing = threading.Event()
+    real_datasync, real_classify = store_db._datasync, app.pipeline._classify
+
+    def slow_datasync(fd: int) -> None:
+        flushing.set()
+        time.sleep(0.2)  # a slow disk: the mail is applied meanwhile
+        row = committed(app, "SELECT state FROM inbound")
+        ecrs = committed(app, "SELECT COUNT(*) FROM ecrs")
+        seen.append(f"flushed, row {row}, {ecrs} ECRs")
+        real_datasync(fd)
+
+    def classify(*args: Any) -> Any:
+        seen.append("applied while flushing" if flushing.is_set() and not seen else "applied")
+        return real_classify(*args)
+
+    monkeypatch.setattr(store_db, "_datasync", slow_datasync)
+    monkeypatch.setattr(app.pipeline, "_classify", classify)
+    raw = mail("Printer", "It prints blank pages.")
+    result = app.pipeline.finish(app.pipeline.accept(Envelope(raw, "ingest", "", RCPT)), raw)
+    assert seen == ["applied while flushing", "flushed, row accepted, 0 ECRs"]
+    assert str(result.outcome) == "created"
+    assert committed(app, "SELECT state FROM inbound") == "done"
+
+
+def test_a_lone_mail_whose_row_flush_fails_is_not_acknowledged_and_is_processed_later(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.store import db as store_db
+
+    real_datasync = store_db._datasync
+
+    def failing_datasync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store_db, "_datasync", failing_datasync)
+    raw = mail("Printer", "It prints blank pages.")
+    accepted = app.pipeline.accept(Envelope(raw, "ingest", "", RCPT))
+    with pytest.raises(NotDurable, match="Input/output error"):
+        app.pipeline.finish(accepted, raw)
+    # Nothing of the processing was committed; the row stays for whoever comes next (it may
+    # be lost in a crash, and then the sender, told to retry, sends the mail again).
+    assert committed(app, "SELECT state || '/' || attempts FROM inbound") == "accepted/1"
+    assert committed(app, "SELECT COUNT(*) FROM ecrs") == 0
+    assert not app.db.conn.in_transaction
+    monkeypatch.setattr(store_db, "_datasync", real_datasync)
+    (later,) = app.pipeline.process_waiting()
+    assert str(later.outcome) == "created"
+    assert committed(app, "SELECT COUNT(*) FROM ecrs") == 1
+
+
+def test_cli_ingest_whose_row_flush_fails_asks_the_mta_to_retry(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "good.eml"
+    path.write_bytes(mail("Printer", "It prints blank pages."))
+    failing = (
+        "import sys\n"
+        "from gateway.store import db\n"
+        "def datasync(fd): raise OSError(5, 'Input/output error')\n"
+        "db._datasync = datasync\n"
+        "from gateway.cli import cli\n"
+        "cli(sys.argv[1:])\n"
+    )
+    environ = {**os.environ, "ECR_GATEWAY_GATEWAY__DATA_DIR": str(data_dir)}
+    environ.pop("ECR_GATEWAY_CONFIG", None)
+    proc = subprocess.run([sys.executable, "-c", failing, "ingest", str(path)],
+                          capture_output=True, env=environ, timeout=120)
+    assert proc.returncode == 75
+    assert proc.stdout == b""
+    (line,) = proc.stderr.decode().strip().splitlines()
+    assert "not accepted, try later: NotDurable" in line
+    retried = run_cli(data_dir, "ingest", str(path))  # the MTA's retry, on a healthy disk
+    assert retried.returncode == 0
+    with closing(sqlite3.connect(data_dir / "gateway.db")) as db:
+        assert db.execute("SELECT COUNT(*) FROM ecrs").fetchone()[0] == 1
 
 
 def test_a_parse_that_raises_during_acceptance_leaves_the_mail_accepted_and_quarantined(

@@ -7,18 +7,29 @@ sqlite-utils' own insert helpers commit on their own and would split our transac
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
+from .files import Beside
+
 Row = dict[str, Any]
 
 BUSY_TIMEOUT_S = 60.0
+
+_datasync = getattr(os, "fdatasync", os.fsync)  # the log's data; its size counts as data
+
+
+class NotDurable(Exception):
+    """A commit made durable beside its caller (`Database.write(beside=True)`) could not be:
+    what it wrote may be lost in a crash, so whatever it acknowledges must not be."""
 
 
 class Database:
@@ -30,7 +41,10 @@ class Database:
         conn = sqlite3.connect(str(path), isolation_level=None, timeout=60)
         self.db = sqlite_utils.Database(conn)
         self.conn = conn
+        self.path = path
         self._savepoints = 0
+        self._flusher = Beside("wal")
+        self._flush: Future[None] | None = None  # a commit's flush still running beside
         self.execute("PRAGMA journal_mode=WAL")
         self.execute("PRAGMA foreign_keys=ON")
         self.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
@@ -39,7 +53,11 @@ class Database:
             _migrate(self)
 
     def close(self) -> None:
-        self.conn.close()
+        try:
+            self.settle()
+        finally:
+            self._flusher.close()
+            self.conn.close()
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> sqlite3.Cursor:
         return self.conn.execute(sql, params)
@@ -68,30 +86,73 @@ class Database:
         return found[0] if found else None
 
     @contextmanager
-    def write(self, durable: bool = False, wait: float = BUSY_TIMEOUT_S) -> Iterator[None]:
+    def write(
+        self, durable: bool = False, wait: float = BUSY_TIMEOUT_S, beside: bool = False
+    ) -> Iterator[None]:
         """One write transaction; `durable` commits with synchronous=FULL (acceptance, §7);
         `wait` is how long to wait for another connection's write to end. Inside another one
         (a batch applied in one commit) it is a savepoint of it: its changes are undone alone
-        on an error, and committed with the rest."""
+        on an error, and committed with the rest.
+
+        `durable` and `beside`: the commit returns before its flush, which runs on a helper
+        thread while the caller goes on (`ingest` processes the mail it just accepted); the
+        next commit here waits for the flush first, so nothing written after the durable
+        commit can be seen before it is durable, and `settle()` waits for it too."""
         if self.conn.in_transaction:
             if durable:
                 raise RuntimeError("a durable write cannot join a transaction in progress")
             with self._savepoint():
                 yield
             return
-        if durable:
+        full = durable and not beside
+        if full:
             self.execute("PRAGMA synchronous=FULL")
         try:
             self._begin(wait)
             try:
                 yield
+                self._flushed()
             except BaseException:
                 self.execute("ROLLBACK")
                 raise
             self.execute("COMMIT")
         finally:
-            if durable:
+            if full:
                 self.execute("PRAGMA synchronous=NORMAL")
+        if durable and beside:
+            self._flush = self._flush_beside()
+
+    def settle(self) -> None:
+        """Wait for a durable commit's flush running beside; raises `NotDurable` (once) when
+        it failed."""
+        try:
+            self._flushed()
+        finally:
+            self._flush = None
+
+    def _flushed(self) -> None:
+        """The pending flush, waited for; a failed one stays pending, so that every later
+        commit fails too until `settle()` has reported it."""
+        if self._flush is None:
+            return
+        try:
+            self._flush.result()
+        except OSError as exc:
+            raise NotDurable(f"the database's log could not be flushed: {exc}") from exc
+        self._flush = None
+
+    def _flush_beside(self) -> Future[None]:
+        """The log's flush that synchronous=FULL would have made at the commit: the log holds
+        every commit in order, so flushing the file flushes this one."""
+        fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+
+        def flush() -> None:
+            try:
+                _datasync(fd)
+            finally:
+                os.close(fd)
+
+        return self._flusher.start(flush)
 
     def _begin(self, wait: float) -> None:
         """BEGIN IMMEDIATE, waiting for another connection's write to end. SQLite's own busy

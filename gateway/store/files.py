@@ -11,7 +11,7 @@ import ctypes
 import os
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -74,6 +74,35 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+class Beside:
+    """A helper thread for one system call at a time (a sync), made while the caller goes on
+    with work of its own. `start` returns once the helper is about to make the call: a helper
+    still waiting to start would wait for the caller's work to let go of the interpreter's
+    lock, and the two would take turns instead of overlapping. Whatever the call needs (a
+    file opened) is prepared by the caller before `start`, for the same reason."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._pool: ThreadPoolExecutor | None = None
+
+    def start(self, call: Callable[[], None]) -> Future[None]:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
+        inside = threading.Event()
+
+        def run() -> None:
+            inside.set()
+            call()
+
+        done = self._pool.submit(run)
+        inside.wait()
+        return done
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
 class Spool:
     """Raw mails as received, kept for the life of the inbound row (audit, replay).
 
@@ -87,7 +116,7 @@ class Spool:
         self.root = root
         self.tmp = root / TMP
         self.tmp.mkdir(parents=True, exist_ok=True)
-        self._helper: ThreadPoolExecutor | None = None
+        self._helper = Beside("sync")
 
     def new_name(self, suffix: str = ".eml") -> str:
         name = os.urandom(16).hex()
@@ -118,26 +147,18 @@ class Spool:
 
     def sync_beside(self, names: list[str]) -> Future[None]:
         """`sync` on a helper thread, while the caller goes on with work of its own (parsing
-        the mail); its result is the sync's end. Returns once the helper has started, with
-        nothing but the system call left to do (the directory is opened here): a helper still
-        waiting to start, or to open a directory, would wait for the caller's work to let go
-        of the interpreter's lock, and the two would take turns instead of overlapping."""
-        if self._helper is None:
-            self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sync")
+        the mail); its result is the sync's end. The directory is opened here, so that the
+        helper has nothing but the system call left to do (`Beside`)."""
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        inside = threading.Event()
 
         def sync() -> None:
             try:
-                inside.set()
                 if not _syncfs_fd(fd):
                     self._sync_each(names)
             finally:
                 os.close(fd)
 
-        done = self._helper.submit(sync)
-        inside.wait()
-        return done
+        return self._helper.start(sync)
 
     def _sync_each(self, names: list[str]) -> None:
         files = {self.root / span(n)[0] for n in names}

@@ -73,9 +73,10 @@ class Records:
 
     # --- acceptance -------------------------------------------------------------------------
 
-    def accept(self, arrivals: Sequence[Arrival]) -> list[Accepted]:
-        """Insert the rows in one durable commit; a known key is recorded as a duplicate."""
-        with self.db.write(durable=True):
+    def accept(self, arrivals: Sequence[Arrival], beside: bool = False) -> list[Accepted]:
+        """Insert the rows in one durable commit; a known key is recorded as a duplicate.
+        `beside`: the commit's flush may end after this returns (`Database.write`)."""
+        with self.db.write(durable=True, beside=beside):
             firsts = self._firsts({a.dedupe_key for a in arrivals})
             accepted = []
             for arrival in arrivals:
