@@ -4,6 +4,8 @@ status-rule helpers, classification and settings."""
 from __future__ import annotations
 
 import email
+import email.header
+import email.message
 import sqlite3
 import threading
 import time
@@ -655,3 +657,41 @@ def test_a_from_header_that_takes_the_short_way_is_read_as_both_parsers_read_it(
     raw = form.format(name=gap.join(words), addr=f"{local}@{domain}")
     plain = parse_mod._plain_identity(raw)
     assert plain is None or plain == parse_mod._checked_identity(raw)
+
+
+# Content-Type and Content-Disposition parameters, plain ones and those the library reads its
+# own way (any case, RFC 2231 sections and charsets, empty, folded, a name inside a value).
+PARAM = st.sampled_from(
+    ['charset="utf-8"', "CHARSET=latin-1", "charset*=utf-8''utf%2D8", 'name="a.pdf"', "NAME=x",
+     "name*=utf-8''%C3%A9.pdf", "filename*0*=utf-8''a; filename*1=b.txt", 'filename=""',
+     "report-type=Delivery-Status", 'boundary="name=charset"', "x-filename=y", "a=b", "name",
+     '"charset"', "\r\n\tcharset=us-ascii", "filename=\"a;b\"", "charset=\"\""]
+)
+
+
+@settings(max_examples=1000, deadline=None, database=None)
+@given(
+    st.sampled_from(["text/plain", "multipart/report", "application/pdf", "TEXT/HTML", ""]),
+    st.lists(PARAM, max_size=3),
+    st.sampled_from([None, "attachment", "inline", "ATTACHMENT"]),
+    st.lists(PARAM, max_size=2),
+    st.booleans(),
+)
+def test_a_parameter_looked_up_the_short_way_is_what_the_library_finds(
+    ctype: str, params: list[str], disposition: str | None, dparams: list[str], twice: bool
+) -> None:
+    head = f"Content-Type: {'; '.join([ctype, *params])}\r\n"
+    if twice:  # the library reads the first of several
+        head += "Content-Type: text/plain; charset=koi8-r; name=b.txt\r\n"
+    if disposition is not None:
+        head += f"Content-Disposition: {'; '.join([disposition, *dparams])}\r\n"
+    part = email.message_from_bytes(head.encode() + b"\r\nbody\r\n")
+    assert parse_mod._file_name(part) == part.get_filename()
+    assert parse_mod._charset(part, "d") == part.get_content_charset("d")
+    assert parse_mod._report_type(part) == str(part.get_param("report-type", "") or "").lower()
+
+
+def test_a_parameter_of_a_header_set_as_an_object_is_left_to_the_library() -> None:
+    part = email.message.Message()
+    part["Content-Type"] = email.header.Header("text/plain; charset=latin-1")
+    assert parse_mod._charset(part, "d") == part.get_content_charset("d") == "latin-1"

@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import mailparser
 import mailparser.dates as mailparser_dates
@@ -48,6 +49,8 @@ logging.getLogger("mailparser").setLevel(logging.WARNING)
 Message = email.message.Message
 
 # Charset names seen in the field that Python does not know, or knows under another name.
+_T = TypeVar("_T")
+
 CHARSET_ALIASES = {
     "cp-850": "cp850",
     "iso-8859-8-i": "iso-8859-8",
@@ -214,7 +217,7 @@ def _usable_charset(part: Message) -> None:
     """The standard library decodes an 8-bit part's text with the raw charset parameter and
     survives only an unknown name: an RFC 2231 value (a tuple) or a name holding a NUL or a
     lone surrogate makes every later get_payload() raise. Such a parameter is made plain."""
-    charset = part.get_param("charset")
+    charset = part.get_param("charset") if _mentions(part, "charset") else None
     if charset is None:
         return
     name = email.utils.collapse_rfc2231_value(charset)
@@ -281,7 +284,7 @@ class _ParsedBuilder:
             attachments=tuple(self.attachments),
             defects=tuple(sorted(set(self.defects))),
             content_type=self.message.get_content_type(),
-            report_type=str(self.message.get_param("report-type", "") or "").lower(),
+            report_type=_report_type(self.message),
             bounce=_bounce(self.message),
         )
 
@@ -309,7 +312,7 @@ class _ParsedBuilder:
             self._attach_spliced(part, ctype, self.splicer)
             return
         data = _payload_bytes(part)
-        filename = part.get_filename()  # two header parses: once per part
+        filename = _file_name(part)
         if tnef.is_tnef(ctype, filename):
             self._attach_tnef(part, data)
         elif _is_body_text(part, filename):
@@ -318,7 +321,7 @@ class _ParsedBuilder:
             self._attach(part, data, ctype)
 
     def _text(self, part: Message, ctype: str, data: bytes) -> None:
-        text, ok = decode_text(data, part.get_content_charset())
+        text, ok = decode_text(data, _charset(part, None))
         if not ok:
             self.defects.append("UndecodableTextPart")
             self._attach(part, data, "application/octet-stream", default=".bin")
@@ -336,7 +339,7 @@ class _ParsedBuilder:
         it as text (`Content-Disposition: attachment`, or a file name on anything but an inline
         text/plain or text/html part, as on a screenshot pasted into a mail): mail-parser
         decodes any other part as text to report charset defects, which depend on its bytes."""
-        filename = part.get_filename()
+        filename = _file_name(part)
         disposition = part.get_content_disposition()
         read_as_text = disposition == "inline" and ctype in ("text/plain", "text/html")
         if (
@@ -528,9 +531,38 @@ def _attached_mail_bytes(part: Message) -> bytes:
     return _payload_bytes(part)
 
 
+def _mentions(part: Message, name: str, headers: tuple[str, ...] = ("content-type",)) -> bool:
+    """Whether the first of these headers (the one the library reads parameters from) may
+    hold the parameter `name`: when its text does not even contain the name, the library's
+    parameter parsing, which runs again on every question asked of a header, is spared. Only
+    plain text is looked into; anything else is left to the library."""
+    for header in headers:
+        value = part.get(header)
+        if value is not None and (not isinstance(value, str) or name in value.lower()):
+            return True
+    return False
+
+
+def _report_type(message: Message) -> str:
+    found = message.get_param("report-type", "") if _mentions(message, "report-type") else ""
+    return str(found or "").lower()
+
+
+def _file_name(part: Message) -> str | None:
+    """`part.get_filename()`: the `filename` of Content-Disposition or else the `name` of
+    Content-Type (both contain "name")."""
+    headers = ("content-disposition", "content-type")
+    return part.get_filename() if _mentions(part, "name", headers) else None
+
+
+def _charset(part: Message, default: _T) -> str | _T:
+    """`part.get_content_charset(default)`."""
+    return part.get_content_charset(default) if _mentions(part, "charset") else default
+
+
 def _filename(part: Message) -> str:
     try:
-        name = part.get_filename()
+        name = _file_name(part)
     except Exception:
         name = None
     if isinstance(name, tuple):  # an RFC 2231 value the library could not decode
@@ -789,7 +821,7 @@ def _needs_whole_pass(parts: list[Message], views: list[tuple[Message, list[str]
         if part.is_multipart():
             if attached:
                 return True
-        elif not attached and not _decodes(part, view.get_content_charset("utf-8")):
+        elif not attached and not _decodes(part, _charset(view, "utf-8")):
             return True
     return False
 
@@ -811,7 +843,7 @@ def _mime_header_defects(view: Message, defects: list[str]) -> bool:
     """mail-parser's MIME header check of one part: invalid UTF-8 in its MIME headers (the
     view's own findings) or in its decoded file name."""
     found = list(defects)
-    mailparser_utils.decode_header_part(view.get_filename(), defects=found)
+    mailparser_utils.decode_header_part(_file_name(view), defects=found)
     return bool(found)
 
 
