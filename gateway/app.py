@@ -46,6 +46,7 @@ class App:
     environ: dict[str, str]
 
     def close(self) -> None:
+        self.pipeline.spool.close()
         self.db.close()
 
     def sender(self, pool: RenderPool | None = None) -> Sender:

@@ -193,7 +193,7 @@ def test_a_lone_mail_is_applied_while_its_row_is_flushed_and_its_outcome_committ
 
     seen: list[str] = []
     flushing = threading.Event()
-    real_datasync, real_classify = store_db._datasync, app.pipeline._classify
+    real_datasync, real_classify = store_db.datasync_fd, app.pipeline._classify
 
     def slow_datasync(fd: int) -> None:
         flushing.set()
@@ -207,7 +207,7 @@ def test_a_lone_mail_is_applied_while_its_row_is_flushed_and_its_outcome_committ
         seen.append("applied while flushing" if flushing.is_set() and not seen else "applied")
         return real_classify(*args)
 
-    monkeypatch.setattr(store_db, "_datasync", slow_datasync)
+    monkeypatch.setattr(store_db, "datasync_fd", slow_datasync)
     monkeypatch.setattr(app.pipeline, "_classify", classify)
     raw = mail("Printer", "It prints blank pages.")
     result = app.pipeline.finish(app.pipeline.accept(Envelope(raw, "ingest", "", RCPT)), raw)
@@ -221,12 +221,12 @@ def test_a_lone_mail_whose_row_flush_fails_is_not_acknowledged_and_is_processed_
 ) -> None:
     from gateway.store import db as store_db
 
-    real_datasync = store_db._datasync
+    real_datasync = store_db.datasync_fd
 
     def failing_datasync(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(store_db, "_datasync", failing_datasync)
+    monkeypatch.setattr(store_db, "datasync_fd", failing_datasync)
     raw = mail("Printer", "It prints blank pages.")
     accepted = app.pipeline.accept(Envelope(raw, "ingest", "", RCPT))
     with pytest.raises(NotDurable, match="Input/output error"):
@@ -236,7 +236,7 @@ def test_a_lone_mail_whose_row_flush_fails_is_not_acknowledged_and_is_processed_
     assert committed(app, "SELECT state || '/' || attempts FROM inbound") == "accepted/1"
     assert committed(app, "SELECT COUNT(*) FROM ecrs") == 0
     assert not app.db.conn.in_transaction
-    monkeypatch.setattr(store_db, "_datasync", real_datasync)
+    monkeypatch.setattr(store_db, "datasync_fd", real_datasync)
     (later,) = app.pipeline.process_waiting()
     assert str(later.outcome) == "created"
     assert committed(app, "SELECT COUNT(*) FROM ecrs") == 1
@@ -251,7 +251,7 @@ def test_cli_ingest_whose_row_flush_fails_asks_the_mta_to_retry(
         "import sys\n"
         "from gateway.store import db\n"
         "def datasync(fd): raise OSError(5, 'Input/output error')\n"
-        "db._datasync = datasync\n"
+        "db.datasync_fd = datasync\n"
         "from gateway.cli import cli\n"
         "cli(sys.argv[1:])\n"
     )

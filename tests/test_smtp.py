@@ -175,17 +175,17 @@ def test_connections_per_peer_are_capped(served: Served) -> None:
 
 
 def test_our_own_failure_is_451_and_nothing_half_stored(served: Served, data_dir: Path) -> None:
-    tmp = data_dir / "spool" / "tmp"
-    tmp.rmdir()
-    tmp.write_text("a file where the spool's temp directory should be")  # writes now fail
+    spool, aside = data_dir / "spool", data_dir / "spool-aside"
+    spool.rename(aside)
+    spool.write_text("a file where the spool should be")  # writes now fail
     try:
         with client(served) as c, pytest.raises(smtplib.SMTPDataError) as refused:
             c.sendmail("gp@practice.example", ["support@localhost"], mail())
         assert refused.value.smtp_code == 451
         assert rows(data_dir, "SELECT COUNT(*) FROM inbound") == [(0,)]
     finally:
-        tmp.unlink()
-        tmp.mkdir()
+        spool.unlink()
+        aside.rename(spool)
     with client(served) as c:
         c.sendmail("gp@practice.example", ["support@localhost"], mail())
     wait_for(lambda: rows(data_dir, "SELECT outcome FROM inbound") == [("created",)])

@@ -6,11 +6,13 @@ from __future__ import annotations
 import email
 import email.header
 import email.message
+import os
 import sqlite3
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -536,7 +538,7 @@ def test_a_batch_of_mails_shares_one_spool_file_and_each_reads_back(tmp_path: Pa
     assert [spool.read(n) for n in names] == raws
     assert all(spool.exists(n) for n in names)
     (alone,) = spool.write_many([b"alone"])
-    assert alone.endswith(".eml") and spool.read(alone) == b"alone"
+    assert "#" in alone and spool.read(alone) == b"alone"
 
 
 def test_a_span_past_the_end_of_its_spool_file_is_an_error_not_a_short_mail(
@@ -550,6 +552,89 @@ def test_a_span_past_the_end_of_its_spool_file_is_an_error_not_a_short_mail(
     assert not spool.exists(names[1])
     with pytest.raises(OSError, match="shorter"):
         spool.read(names[1])
+
+
+def test_lone_mails_are_appended_to_one_journal_until_it_is_full(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", journal_limit=11)
+    names = [spool.write_many([raw])[0] for raw in (b"one", b"two", b"three", b"x" * 25, b"!")]
+    files = [span(n)[0] for n in names]
+    # Up to the limit in one file; a mail larger than the limit has a journal of its own.
+    assert files[0] == files[1] == files[2] != files[3] != files[4]
+    assert [span(n)[1] for n in names] == [(0, 3), (3, 3), (6, 5), (0, 25), (0, 1)]
+    assert [spool.read(n) for n in names] == [b"one", b"two", b"three", b"x" * 25, b"!"]
+    assert all(spool.exists(n) for n in names)
+    assert len(spool.files()) == 3 and all(f.endswith(".batch") for f in spool.files())
+    spool.close()
+    assert spool.read(names[4]) == b"!"
+
+
+def test_a_journal_is_flushed_whole_once_for_its_entry_then_only_its_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mail is durable only with the journal's directory entry: the first sync of a new
+    journal flushes the file system (entries and new directories), the next ones its data."""
+    from gateway.store import files as store_files
+
+    calls: list[str] = []
+    real_syncfs, real_datasync = store_files._syncfs_fd, store_files.datasync_fd
+
+    def syncfs(fd: int) -> bool:
+        calls.append("file system")
+        return real_syncfs(fd)
+
+    def datasync(fd: int) -> None:
+        calls.append("journal data")
+        real_datasync(fd)
+
+    monkeypatch.setattr(store_files, "_syncfs_fd", syncfs)
+    monkeypatch.setattr(store_files, "datasync_fd", datasync)
+    spool = Spool(tmp_path / "spool", journal_limit=10)
+    spool.write_many([b"one"])
+    spool.sync_beside([spool.write_many([b"two"], sync=False)[0]]).result()
+    spool.write_many([b"three"])  # past the limit: a new journal, its entry again
+    spool.write_many([b"four"])
+    assert calls == ["file system", "journal data", "file system", "journal data"]
+
+
+def test_a_journal_write_that_fails_leaves_its_end_where_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    first = spool.write_many([b"first"])[0]
+    real_pwrite = os.pwrite
+
+    def full_disk(fd: int, data: Any, offset: int) -> int:
+        real_pwrite(fd, bytes(data)[:2], offset)  # part of it reached the file
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        spool.write_many([b"lost"])
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    second = spool.write_many([b"second"])[0]
+    assert span(second) == (span(first)[0], (5, 6))  # over what the failed write left
+    assert spool.read(first) == b"first" and spool.read(second) == b"second"
+
+
+def test_a_forked_process_appends_to_a_journal_of_its_own(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    parent_first = spool.write_many([b"parent 1"])[0]
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: write a mail with the Spool it inherited, report its name
+        try:
+            os.write(writer, spool.write_many([b"child"])[0].encode())
+        finally:
+            os._exit(0)
+    os.close(writer)
+    child = os.read(reader, 1000).decode()
+    os.close(reader)
+    os.waitpid(pid, 0)
+    parent_second = spool.write_many([b"parent 2"])[0]
+    assert span(child)[0] != span(parent_first)[0] == span(parent_second)[0]
+    assert [spool.read(n) for n in (parent_first, child, parent_second)] == [
+        b"parent 1", b"child", b"parent 2"
+    ]
 
 
 # --- store: waiting for another connection's write ---------------------------------------------

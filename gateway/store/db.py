@@ -18,13 +18,11 @@ from typing import Any
 
 import sqlite_utils
 
-from .files import Beside
+from .files import Beside, datasync_fd
 
 Row = dict[str, Any]
 
 BUSY_TIMEOUT_S = 60.0
-
-_datasync = getattr(os, "fdatasync", os.fsync)  # the log's data; its size counts as data
 
 
 class NotDurable(Exception):
@@ -148,7 +146,7 @@ class Database:
 
         def flush() -> None:
             try:
-                _datasync(fd)
+                datasync_fd(fd)
             finally:
                 os.close(fd)
 

@@ -8,15 +8,20 @@ file, which `Spool.sweep()` removes on the next start.
 from __future__ import annotations
 
 import ctypes
+import io
 import os
 import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 TMP = "tmp"
 BATCH = ".batch"
+JOURNAL_LIMIT = 64 << 20  # bytes of lone mails in one spool file
+
+datasync_fd = getattr(os, "fdatasync", os.fsync)  # a file's data; its size counts as data
 
 
 def fsync_dir(path: Path | str) -> None:
@@ -103,35 +108,51 @@ class Beside:
             self._pool.shutdown()
 
 
+@dataclass
+class _Journal:
+    """The batch file a Spool appends lone mails to; only its own process writes to it."""
+
+    name: str
+    file: io.FileIO
+    size: int
+    pid: int
+    entry_durable: bool = False  # its directory entry (and new directories) flushed
+
+
 class Spool:
     """Raw mails as received, kept for the life of the inbound row (audit, replay).
 
-    One mail is one file, `ab/<random>.eml`. Mails accepted together (an SMTP group commit, an
-    IMAP fetch, an import batch) share one file, `ab/<random>.batch`, the raw mails one after
-    the other, and each is named by its span: `ab/<random>.batch#<offset>+<length>`. Creating a
-    file costs more than writing a mail into it, so a batch pays that cost once.
+    Mails accepted together (an SMTP group commit, an IMAP fetch, an import batch) share one
+    file, `ab/<random>.batch`, the raw mails one after the other, and each is named by its
+    span: `ab/<random>.batch#<offset>+<length>`. A mail accepted alone (`ingest`, an SMTP
+    session alone in its batch) is appended to the Spool's journal, a batch file that this
+    Spool alone writes to, named the same way. Creating a file costs more than writing a mail
+    into it, and making a new file durable flushes its directory entry as well (a file system
+    wide sync); appending to a file whose entry is durable flushes that file's data alone.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, journal_limit: int = JOURNAL_LIMIT) -> None:
         self.root = root
         self.tmp = root / TMP
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self.journal_limit = journal_limit
+        self._journal: _Journal | None = None
+        self._appending = threading.Lock()  # transports may write from any thread
         self._helper = Beside("sync")
 
-    def new_name(self, suffix: str = ".eml") -> str:
+    def new_name(self, suffix: str = BATCH) -> str:
         name = os.urandom(16).hex()
         return f"{name[:2]}/{name}{suffix}"
 
-    def write(self, name: str, raw: bytes, sync: bool = True) -> None:
-        write_durably(self.root / name, raw, self.tmp, sync)
-
     def write_many(self, raws: Sequence[bytes], sync: bool = True) -> list[str]:
-        """The mails' names, all of them written to one file (or to their own, when alone)."""
+        """The mails' names, all of them written to one new file (or to the journal, when
+        alone)."""
         if len(raws) == 1:
-            name = self.new_name()
-            self.write(name, raws[0], sync)
-            return [name]
-        batch = self.new_name(BATCH)
+            names = [self._append(raws[0])]
+            if sync:
+                self.sync(names)
+            return names
+        batch = self.new_name()
         write_durably(self.root / batch, raws, self.tmp, sync)
         names, offset = [], 0
         for raw in raws:
@@ -139,16 +160,62 @@ class Spool:
             offset += len(raw)
         return names
 
+    def _append(self, raw: bytes) -> str:
+        """A lone mail written at the end of the journal. A write that fails leaves the
+        journal's end where it was, so the next mail overwrites what it left."""
+        with self._appending:
+            journal = self._journal_for(len(raw))
+            fd, offset, view, written = journal.file.fileno(), journal.size, memoryview(raw), 0
+            while written < len(raw):
+                written += os.pwrite(fd, view[written:], offset + written)
+            journal.size += len(raw)
+            return f"{journal.name}#{offset}+{len(raw)}"
+
+    def _journal_for(self, size: int) -> _Journal:
+        """The journal to append `size` bytes to: a new one when there is none yet, when it
+        is full, or when it belongs to the process this one was forked from."""
+        journal = self._journal
+        if journal is not None and journal.pid == os.getpid():
+            if journal.size == 0 or journal.size + size <= self.journal_limit:
+                return journal
+            journal.file.close()
+        name = self.new_name()
+        path = self.root / name
+        _ensure_dir(os.path.dirname(path))
+        self._journal = _Journal(name, io.FileIO(path, "xb"), 0, os.getpid())
+        return self._journal
+
+    def close(self) -> None:
+        if self._journal is not None and self._journal.pid == os.getpid():
+            self._journal.file.close()
+        self._journal = None
+        self._helper.close()
+
     def sync(self, names: list[str]) -> None:
-        """The fsyncs `write(sync=False)` skipped, for a batch: one syncfs where Linux has it
-        (files and directory entries in one call), else each file and directory once."""
-        if not _syncfs(self.root):
-            self._sync_each(names)
+        """Make written mails durable, for a batch: the journal's data alone when they are
+        all in it and its entry is durable, else one syncfs where Linux has it (files and
+        directory entries in one call), else each file and directory once."""
+        self._syncer(names)()
 
     def sync_beside(self, names: list[str]) -> Future[None]:
         """`sync` on a helper thread, while the caller goes on with work of its own (parsing
-        the mail); its result is the sync's end. The directory is opened here, so that the
-        helper has nothing but the system call left to do (`Beside`)."""
+        the mail); its result is the sync's end. What the sync needs is opened here, so that
+        the helper has nothing but the system call left to do (`Beside`)."""
+        return self._helper.start(self._syncer(names))
+
+    def _syncer(self, names: list[str]) -> Callable[[], None]:
+        journal = self._journal
+        files = {span(n)[0] for n in names}
+        if journal is not None and journal.entry_durable and files == {journal.name}:
+            fd = os.dup(journal.file.fileno())  # its own: a full journal may close meanwhile
+
+            def datasync() -> None:
+                try:
+                    datasync_fd(fd)
+                finally:
+                    os.close(fd)
+
+            return datasync
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
 
         def sync() -> None:
@@ -157,8 +224,10 @@ class Spool:
                     self._sync_each(names)
             finally:
                 os.close(fd)
+            if journal is not None and journal.name in files:
+                journal.entry_durable = True
 
-        return self._helper.start(sync)
+        return sync
 
     def _sync_each(self, names: list[str]) -> None:
         files = {self.root / span(n)[0] for n in names}
