@@ -48,9 +48,9 @@ logging.getLogger("mailparser").setLevel(logging.WARNING)
 
 Message = email.message.Message
 
-# Charset names seen in the field that Python does not know, or knows under another name.
 _T = TypeVar("_T")
 
+# Charset names seen in the field that Python does not know, or knows under another name.
 CHARSET_ALIASES = {
     "cp-850": "cp850",
     "iso-8859-8-i": "iso-8859-8",

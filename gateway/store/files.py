@@ -2,7 +2,10 @@
 
 A file is durable once it was written to a temporary name, fsynced, renamed into place and its
 directory fsynced (Mailman's switchboard, Postfix's queue). A crash leaves at worst a temporary
-file, which `Spool.sweep()` removes on the next start.
+file, which `Spool.sweep()` removes on the next start. The spool's journal is the exception: it
+is created in place and grows, and a mail in it is durable once the file system was synced
+after the journal's creation and the journal's data after the mail's write (a crash leaves at
+worst a tail, or a journal, that no row names).
 """
 
 from __future__ import annotations
@@ -106,6 +109,7 @@ class Beside:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
+            self._pool = None
 
 
 @dataclass
@@ -140,9 +144,9 @@ class Spool:
         self._appending = threading.Lock()  # transports may write from any thread
         self._helper = Beside("sync")
 
-    def new_name(self, suffix: str = BATCH) -> str:
+    def new_name(self) -> str:
         name = os.urandom(16).hex()
-        return f"{name[:2]}/{name}{suffix}"
+        return f"{name[:2]}/{name}{BATCH}"
 
     def write_many(self, raws: Sequence[bytes], sync: bool = True) -> list[str]:
         """The mails' names, all of them written to one new file (or to the journal, when
