@@ -108,11 +108,11 @@ def main() -> None:
     finally:
         relay.stop()
     print(f"{'benchmark':<48}{'figure':>10}{'baseline':>10}{'ratio':>8}{'target':>8}")
-    for what, rate in (
-        ("outbox: status+render+queue+deliver, msgs/s", total),
-        ("outbox: render+deliver queued rows, msgs/s", delivery),
+    for what, rate, target in (  # the target: queued rows delivered
+        ("outbox: status+render+queue+deliver, msgs/s", total, ""),
+        ("outbox: render+deliver queued rows, msgs/s", delivery, ">=0.70"),
     ):
-        print(f"{what:<48}{rate:>10.0f}{base:>10.0f}{rate / base:>8.2f}{'>=0.70':>8}")
+        print(f"{what:<48}{rate:>10.0f}{base:>10.0f}{rate / base:>8.2f}{target:>8}")
 
 
 if __name__ == "__main__":
