@@ -129,6 +129,12 @@ def test_a_mail_parsed_during_acceptance_is_processed_from_that_parse(app: App) 
     assert app.db.value("SELECT subject FROM ecrs") == "Printer"
 
 
+def committed(app: App, sql: str) -> Any:
+    """What another connection sees: what is committed, nothing else."""
+    with closing(sqlite3.connect(app.settings.data_dir / "gateway.db")) as other:
+        return other.execute(sql).fetchone()[0]
+
+
 def test_a_lone_mail_is_parsed_while_its_spool_file_syncs_and_recorded_after_the_sync(
     app: App, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -138,14 +144,11 @@ def test_a_lone_mail_is_parsed_while_its_spool_file_syncs_and_recorded_after_the
     syncing = threading.Event()
     real_parse, real_accept = parse.parse, app.records.accept
 
-    def committed_rows() -> int:  # from another connection: what is committed, nothing else
-        with closing(sqlite3.connect(app.settings.data_dir / "gateway.db")) as other:
-            return int(other.execute("SELECT COUNT(*) FROM inbound").fetchone()[0])
-
     def slow_sync(fd: int) -> bool:
         syncing.set()
         time.sleep(0.2)  # a slow disk: the parse has time to run meanwhile
-        seen.append("synced" if committed_rows() == 0 else "synced after the row's commit")
+        rows = committed(app, "SELECT COUNT(*) FROM inbound")
+        seen.append("synced" if rows == 0 else "synced after the row's commit")
         return True
 
     def parse_during_sync(raw: bytes, limits: parse.Limits) -> object:
@@ -178,12 +181,6 @@ def test_a_lone_mail_whose_spool_sync_fails_is_not_accepted(
         app.pipeline.accept(Envelope(mail("Printer", "Blank pages."), "ingest", "", RCPT))
     assert app.db.value("SELECT COUNT(*) FROM inbound") == 0
     assert not app.db.conn.in_transaction
-
-
-def committed(app: App, sql: str) -> Any:
-    """What another connection sees: what is committed, nothing else."""
-    with closing(sqlite3.connect(app.settings.data_dir / "gateway.db")) as other:
-        return other.execute(sql).fetchone()[0]
 
 
 def test_a_lone_mail_is_applied_while_its_row_is_flushed_and_its_outcome_committed_after(
