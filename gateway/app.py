@@ -46,8 +46,10 @@ class App:
     environ: dict[str, str]
 
     def close(self) -> None:
-        self.pipeline.spool.close()
-        self.db.close()
+        try:
+            self.pipeline.spool.close()
+        finally:
+            self.db.close()
 
     def sender(self, pool: RenderPool | None = None) -> Sender:
         """An outbox sender with its own connection, for its own thread (sqlite3 rule);

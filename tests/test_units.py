@@ -637,6 +637,73 @@ def test_a_forked_process_appends_to_a_journal_of_its_own(tmp_path: Path) -> Non
     ]
 
 
+def test_a_durable_commit_flushed_beside_flushes_the_log_sqlite_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The log is found where SQLite puts it, beside the database's real file (here through a
+    symbolic link), and its directory entry is synced with its first flush only."""
+    from gateway.store import db as store_db
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "g.db").symlink_to(tmp_path / "real" / "g.db")
+    flushed: list[str] = []
+    real_datasync, real_fsync_dir = store_db.datasync_fd, store_db.fsync_dir
+
+    def datasync(fd: int) -> None:
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_datasync(fd)
+
+    def fsync_dir(path: Path | str) -> None:
+        flushed.append(f"directory {path}")
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(store_db, "datasync_fd", datasync)
+    monkeypatch.setattr(store_db, "fsync_dir", fsync_dir)
+    db = Database(tmp_path / "g.db")
+    for address in ("first@p.example", "second@p.example"):
+        with db.write(durable=True, beside=True):
+            db.execute("INSERT INTO contacts (email) VALUES (?)", [address])
+        db.settle()
+    log = str(tmp_path / "real" / "g.db-wal")
+    assert flushed == [log, f"directory {tmp_path / 'real'}", log]
+    db.close()
+
+
+def test_a_helper_thread_serves_a_forked_child_and_one_that_cannot_start(
+    tmp_path: Path,
+) -> None:
+    from gateway.store.files import Beside
+
+    helper, made = Beside("test"), []
+    helper.start(lambda: made.append("parent")).result()
+    pid = os.fork()
+    if pid == 0:  # the child has the pool but not its thread
+        try:
+            helper.start(lambda: None).result(timeout=5)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    for _ in range(100):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's helper never ran its call")
+    assert os.waitstatus_to_exitcode(status) == 0
+    helper._pool.shutdown()  # type: ignore[union-attr]  # as at the interpreter's exit
+    helper.start(lambda: made.append("made here")).result()
+
+    def failing() -> None:
+        raise OSError(5, "Input/output error")
+
+    with pytest.raises(OSError):
+        helper.start(failing).result()
+    assert made == ["parent", "made here"]
+
+
 # --- store: waiting for another connection's write ---------------------------------------------
 
 

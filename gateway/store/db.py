@@ -18,7 +18,7 @@ from typing import Any
 
 import sqlite_utils
 
-from .files import Beside, datasync_fd
+from .files import Beside, datasync_fd, fsync_dir, on_fd
 
 Row = dict[str, Any]
 
@@ -39,11 +39,14 @@ class Database:
         conn = sqlite3.connect(str(path), isolation_level=None, timeout=60)
         self.db = sqlite_utils.Database(conn)
         self.conn = conn
-        self.path = path
         self._savepoints = 0
         self._flusher = Beside("wal")
         self._flush: Future[None] | None = None  # a commit's flush still running beside
-        self.execute("PRAGMA journal_mode=WAL")
+        wal = self.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
+        # The log as SQLite names it: beside the database's file, a symbolic link resolved.
+        main = {row[1]: row[2] for row in self.execute("PRAGMA database_list")}.get("main")
+        self._log = f"{main}-wal" if wal and main else None
+        self._log_entry_synced = False
         self.execute("PRAGMA foreign_keys=ON")
         self.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
         self.execute("PRAGMA synchronous=NORMAL")
@@ -94,15 +97,20 @@ class Database:
 
         `durable` and `beside`: the commit returns before its flush, which runs on a helper
         thread while the caller goes on (`ingest` processes the mail it just accepted); the
-        next commit here waits for the flush first, so nothing written after the durable
-        commit can be seen before it is durable, and `settle()` waits for it too."""
+        next commit on this connection waits for the flush first, so nothing it writes after
+        the durable commit can be seen before that is durable, and `settle()` waits for it
+        too. Another connection may see the durable commit's rows before their flush ends
+        (serve's worker may process an ingest's mail): its own commits come after them in the
+        log, so a crash cannot keep those and lose these. Without a log of its own (a database
+        SQLite would not put in WAL mode) the commit is made with synchronous=FULL."""
         if self.conn.in_transaction:
             if durable:
                 raise RuntimeError("a durable write cannot join a transaction in progress")
             with self._savepoint():
                 yield
             return
-        full = durable and not beside
+        log_path = self._log if durable and beside else None  # none: SQLite's flush, FULL
+        full = durable and log_path is None
         if full:
             self.execute("PRAGMA synchronous=FULL")
         try:
@@ -110,15 +118,21 @@ class Database:
             try:
                 yield
                 self._flushed()
+                log = os.open(log_path, os.O_RDONLY) if log_path else -1
             except BaseException:
                 self.execute("ROLLBACK")
                 raise
-            self.execute("COMMIT")
+            try:
+                self.execute("COMMIT")
+            except BaseException:
+                if log >= 0:
+                    os.close(log)
+                raise
         finally:
             if full:
                 self.execute("PRAGMA synchronous=NORMAL")
-        if durable and beside:
-            self._flush = self._flush_beside()
+        if log >= 0:
+            self._flush = self._flush_beside(log)
 
     def settle(self) -> None:
         """Wait for a durable commit's flush running beside; raises `NotDurable` (once) when
@@ -139,18 +153,20 @@ class Database:
             raise NotDurable(f"the database's log could not be flushed: {exc}") from exc
         self._flush = None
 
-    def _flush_beside(self) -> Future[None]:
-        """The log's flush that synchronous=FULL would have made at the commit: the log holds
-        every commit in order, so flushing the file flushes this one."""
-        fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+    def _flush_beside(self, fd: int) -> Future[None]:
+        """The log's flush that synchronous=FULL would have made at the commit (the log holds
+        every commit in order, so flushing the file flushes this one), and at the first one
+        the log's directory, as SQLite does when it first syncs a log it created."""
+        entry = not self._log_entry_synced
+        directory = os.path.dirname(str(self._log))
 
-        def flush() -> None:
-            try:
-                datasync_fd(fd)
-            finally:
-                os.close(fd)
+        def flush(fd: int) -> None:
+            datasync_fd(fd)
+            if entry:
+                fsync_dir(directory)
+                self._log_entry_synced = True  # only one flush is ever pending
 
-        return self._flusher.start(flush)
+        return self._flusher.start(on_fd(fd, flush))
 
     def _begin(self, wait: float) -> None:
         """BEGIN IMMEDIATE, waiting for another connection's write to end. SQLite's own busy

@@ -82,6 +82,18 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def on_fd(fd: int, call: Callable[[int], object]) -> Callable[[], None]:
+    """`call(fd)` to be made later (on a helper thread), the descriptor closed after it."""
+
+    def run() -> None:
+        try:
+            call(fd)
+        finally:
+            os.close(fd)
+
+    return run
+
+
 class Beside:
     """A helper thread for one system call at a time (a sync), made while the caller goes on
     with work of its own. `start` returns once the helper is about to make the call: a helper
@@ -92,24 +104,37 @@ class Beside:
     def __init__(self, name: str) -> None:
         self.name = name
         self._pool: ThreadPoolExecutor | None = None
+        self._pid = os.getpid()
 
     def start(self, call: Callable[[], None]) -> Future[None]:
-        if self._pool is None:
+        """`call` on the helper; made here instead, before returning, when no helper thread
+        can be had (the interpreter shutting down): either way it is made exactly once."""
+        if self._pool is None or self._pid != os.getpid():  # a forked child has no thread
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
+            self._pid = os.getpid()
         inside = threading.Event()
 
         def run() -> None:
             inside.set()
             call()
 
-        done = self._pool.submit(run)
+        try:
+            done = self._pool.submit(run)
+        except RuntimeError:
+            done = Future()
+            try:
+                call()
+                done.set_result(None)
+            except BaseException as exc:
+                done.set_exception(exc)
+            return done
         inside.wait()
         return done
 
     def close(self) -> None:
-        if self._pool is not None:
+        if self._pool is not None and self._pid == os.getpid():
             self._pool.shutdown()
-            self._pool = None
+        self._pool = None
 
 
 @dataclass
@@ -208,18 +233,11 @@ class Spool:
         return self._helper.start(self._syncer(names))
 
     def _syncer(self, names: list[str]) -> Callable[[], None]:
-        journal = self._journal
         files = {span(n)[0] for n in names}
-        if journal is not None and journal.entry_durable and files == {journal.name}:
-            fd = os.dup(journal.file.fileno())  # its own: a full journal may close meanwhile
-
-            def datasync() -> None:
-                try:
-                    datasync_fd(fd)
-                finally:
-                    os.close(fd)
-
-            return datasync
+        with self._appending:  # a descriptor of its own: a full journal may close meanwhile
+            journal = self._journal
+            if journal is not None and journal.entry_durable and files == {journal.name}:
+                return on_fd(os.dup(journal.file.fileno()), datasync_fd)
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
 
         def sync() -> None:
