@@ -238,18 +238,14 @@ class Spool:
             journal = self._journal
             if journal is not None and journal.entry_durable and files == {journal.name}:
                 return on_fd(os.dup(journal.file.fileno()), datasync_fd)
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
 
-        def sync() -> None:
-            try:
-                if not _syncfs_fd(fd):
-                    self._sync_each(names)
-            finally:
-                os.close(fd)
+        def sync(fd: int) -> None:
+            if not _syncfs_fd(fd):
+                self._sync_each(names)
             if journal is not None and journal.name in files:
                 journal.entry_durable = True
 
-        return sync
+        return on_fd(os.open(self.root, os.O_RDONLY | os.O_DIRECTORY), sync)
 
     def _sync_each(self, names: list[str]) -> None:
         files = {self.root / span(n)[0] for n in names}
