@@ -7,6 +7,7 @@ sqlite-utils' own insert helpers commit on their own and would split our transac
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 import time
@@ -42,11 +43,8 @@ class Database:
         self._savepoints = 0
         self._flusher = Beside("wal")
         self._flush: Future[None] | None = None  # a commit's flush still running beside
-        wal = self.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
-        # The log as SQLite names it: beside the database's file, a symbolic link resolved.
-        main = {row[1]: row[2] for row in self.execute("PRAGMA database_list")}.get("main")
-        self._log = f"{main}-wal" if wal and main else None
         self._log_entry_synced = False
+        self.execute("PRAGMA journal_mode=WAL")
         self.execute("PRAGMA foreign_keys=ON")
         self.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
         self.execute("PRAGMA synchronous=NORMAL")
@@ -133,6 +131,16 @@ class Database:
                 self.execute("PRAGMA synchronous=NORMAL")
         if log >= 0:
             self._flush = self._flush_beside(log)
+
+    @functools.cached_property
+    def _log(self) -> str | None:
+        """The log as SQLite names it, beside the database's file (a symbolic link resolved);
+        None when SQLite would not put the database in WAL mode. Asked on first use only:
+        most connections (the web threads', the worker's) never flush beside."""
+        if self.value("PRAGMA journal_mode") != "wal":
+            return None
+        main = {row[1]: row[2] for row in self.execute("PRAGMA database_list")}.get("main")
+        return f"{main}-wal" if main else None
 
     def settle(self) -> None:
         """Wait for a durable commit's flush running beside; raises `NotDurable` (once) when
