@@ -561,13 +561,12 @@ def _charset(part: Message, default: _T) -> str | _T:
 
 
 def _filename(part: Message) -> str:
+    """The part's file name, "" when it has none or the library cannot read it (the library
+    collapses an RFC 2231 value it cannot decode to its raw text itself)."""
     try:
-        name = _file_name(part)
+        return _file_name(part) or ""
     except Exception:
-        name = None
-    if isinstance(name, tuple):  # an RFC 2231 value the library could not decode
-        name = name[2]
-    return name or ""
+        return ""
 
 
 def decode_text(data: bytes, charset: str | None) -> tuple[str, bool]:
