@@ -380,7 +380,21 @@ def test_a_connection_dropped_mid_batch_loses_and_duplicates_nothing(
         if what == "BODY.PEEK[]":
             bodies_fetched += 1
             if when == "during_fetch" and bodies_fetched == 2:
-                server.kill()
+                server.kill()  # the first batch is accepted, its MOVE still to come
+
+    moved = threading.Event()
+
+    def factory(*args: Any, **kw: Any) -> imap.Client:
+        client = Watching(imap.default_client(*args, **kw), [], before_fetch)
+        move = client.real.move
+
+        def noted_move(messages: Any, folder: str) -> Any:
+            result = move(messages, folder)
+            moved.set()
+            return result
+
+        client.move = noted_move  # type: ignore[method-assign]
+        return client
 
     accepted = 0
 
@@ -389,29 +403,53 @@ def test_a_connection_dropped_mid_batch_loses_and_duplicates_nothing(
         result = app.pipeline.accept_many(envelopes)
         accepted += 1
         if when == "after_accept" and accepted == 2:
-            server.kill()  # committed, but the MOVE and the cursor never happen
+            assert moved.wait(10)  # the first batch's MOVE, made meanwhile, is done
+            server.kill()  # the second is committed, but its MOVE and the cursor never happen
         return result
 
     state = ImapState(app.db)
     w = imap.ImapWatcher(
-        config(server),
-        accept,
-        state,
-        clock=app.clock,
-        client_factory=watching([], before_fetch),
-        batch_count=5,
+        config(server), accept, state, clock=app.clock, client_factory=factory, batch_count=5
     )
     assert not w.try_once()
-    assert state.cursor("test").last_uid == 5  # the first batch was finished
+    # The cursor passes a batch once it is moved, and only then.
+    assert state.cursor("test").last_uid == (5 if when == "after_accept" else 0)
     server.start()
     assert w.try_once()
     assert ecrs(app) == 12
-    dupes = outcomes(app)["duplicate"]
-    assert dupes == (5 if when == "after_accept" else 0)  # recorded as such, nothing more
+    assert outcomes(app)["duplicate"] == 5  # one batch fetched again, recorded as such
     with server.other_client() as other:
         assert other.messages("INBOX") == {}
-        moved = message_ids(other.messages("Processed"))
-    assert len(moved) == 12 and len(set(moved)) == 12
+        moved_ids = message_ids(other.messages("Processed"))
+    assert len(moved_ids) == 12 and len(set(moved_ids)) == 12
+
+
+def test_a_failed_acceptance_still_lets_the_batch_before_it_be_moved_and_passed(
+    server: Dovecot, app: App
+) -> None:
+    with server.other_client() as other:
+        for i in range(12):
+            other.append(mail(subject=f"Batch mail {i}"))
+    calls = 0
+
+    def accept(envelopes: Sequence[Envelope]) -> list[Accepted]:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise OSError(28, "No space left on device")
+        return app.pipeline.accept_many(envelopes)
+
+    state = ImapState(app.db)
+    w = imap.ImapWatcher(config(server), accept, state, clock=app.clock, batch_count=5)
+    assert not w.try_once()
+    assert state.cursor("test").last_uid == 5
+    with server.other_client() as other:
+        assert len(other.messages("Processed")) == 5
+        assert len(other.messages("INBOX")) == 7  # the failed batch and the one after it
+    assert w.try_once()
+    assert ecrs(app) == 12 and outcomes(app)["duplicate"] == 0
+    with server.other_client() as other:
+        assert other.messages("INBOX") == {} and len(other.messages("Processed")) == 12
 
 
 def test_a_uidvalidity_change_duplicates_nothing(server: Dovecot, app: App) -> None:

@@ -7,9 +7,10 @@ inbound dedupe key, not the cursor, is what makes a re-fetch harmless, so every 
 answered the same way: drop the connection, back off, fetch again.
 
 A pass: SELECT, `UID SEARCH UID n:*`, `FETCH RFC822.SIZE`, then in UID order batches of
-`BODY.PEEK[]` (PEEK: the practice's mail client still shows the mail as unread), accept, move,
-advance the cursor. Mail over the size limit is never fetched: its headers are, once, for the
-quarantined row and the one answer to its sender (gateway/oversize.py).
+`BODY.PEEK[]` (PEEK: the practice's mail client still shows the mail as unread), accept;
+each batch is moved while the next one is accepted, and the cursor passes it once moved. Mail
+over the size limit is never fetched: its headers are, once, for the quarantined row and the
+one answer to its sender (gateway/oversize.py).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from gateway.config import ConfigError, Settings
 from gateway.model import Envelope
 from gateway.oversize import OversizeDesk, TooLarge
 from gateway.pipeline import Clock, utcnow
+from gateway.store.files import Beside
 from gateway.store.imap import Cursor, ImapState
 from gateway.store.records import Accepted
 
@@ -297,6 +299,15 @@ class Session:
 
 
 @dataclass(frozen=True)
+class Taken:
+    """A batch accepted: (UID, size, acceptance) of each mail fetched, and the step's last
+    UID, which the cursor passes once the batch is disposed of."""
+
+    last_uid: int
+    mails: tuple[tuple[int, int, Accepted], ...]
+
+
+@dataclass(frozen=True)
 class Step:
     """Part of a pass, in UID order: a batch to take, or one UID not to fetch."""
 
@@ -377,6 +388,7 @@ class ImapWatcher:
         # (UIDVALIDITY, UID) of messages to fetch one by one, and failed single fetches.
         self._alone: set[tuple[int, int]] = set()
         self._strikes: dict[tuple[int, int], int] = {}
+        self._mover = Beside(f"imap-{config.name}-move")
 
     @property
     def name(self) -> str:
@@ -399,6 +411,7 @@ class ImapWatcher:
                     stop.wait(backoff(failures))
         finally:
             self.disconnect()
+            self._mover.close()
 
     def try_once(self) -> bool:
         """Passes until one finds nothing new, with failures recorded and reported instead of
@@ -437,20 +450,22 @@ class ImapWatcher:
         steps = plan_steps(
             uids, sizes, known, self.limit, alone, self.batch_count, self.batch_bytes
         )
+        behind: Taken | None = None  # accepted; moved while the next batch is accepted
         for step in steps:
             if self._stop.is_set():  # between steps: each one is finished or not begun
                 break
-            self._do(session, step, sizes)
+            if step.kind == "take":
+                behind = self._take(session, step.uids, behind)
+                continue
+            self._settle(session, behind)
+            behind = None
+            if step.kind == "oversize":
+                self._refuse(session, step.uids[0], sizes[step.uids[0]])
+            else:
+                self._set_aside(session, list(step.uids))
             self.state.advance(self.name, session.uidvalidity, step.uids[-1], self.clock())
+        self._settle(session, behind)
         return len(uids)
-
-    def _do(self, session: Session, step: Step, sizes: Mapping[int, int]) -> None:
-        if step.kind == "take":
-            self._take(session, step.uids)
-        elif step.kind == "oversize":
-            self._refuse(session, step.uids[0], sizes[step.uids[0]])
-        else:
-            self._set_aside(session, list(step.uids))
 
     # --- connecting ---------------------------------------------------------------------------
 
@@ -567,26 +582,42 @@ class ImapWatcher:
             sizes |= {uid: int(data[b"RFC822.SIZE"]) for uid, data in fetched.items()}
         return sizes
 
-    def _take(self, session: Session, uids: Sequence[int]) -> None:
-        """Fetch, accept (durable), only then move; the cursor moves after us."""
+    def _take(self, session: Session, uids: Sequence[int], behind: Taken | None) -> Taken:
+        """Fetch and accept (durable) a batch, to be moved later. The server moves the batch
+        before it (`behind`) meanwhile: the connection is free while we accept, and a MOVE
+        takes the server about as long as an acceptance takes us."""
         bodies = self._bodies(session, uids)
         now = self.clock()
-        taken = [u for u in uids if u in bodies]
-        envelopes = [Envelope(bodies[u], self.config.source, received_at=now) for u in taken]
-        accepted = self.accept(envelopes) if envelopes else []
+        envelopes = [Envelope(raw, self.config.source, received_at=now) for raw in bodies.values()]
+        moving = self._mover.start(lambda: self._dispose(session, behind))
+        try:
+            accepted = self.accept(envelopes) if envelopes else []
+        finally:
+            # Whatever happened here, the connection is only ours again once the move is done.
+            self._passed(session, behind, moving.result())
         if accepted:
             self.wake()
-        done = self._dispose(session, taken)
-        for uid, a in zip(taken, accepted, strict=True):
+        mails = zip(bodies.items(), accepted, strict=True)
+        return Taken(uids[-1], tuple((uid, len(raw), a) for (uid, raw), a in mails))
+
+    def _settle(self, session: Session, taken: Taken | None) -> None:
+        self._passed(session, taken, self._dispose(session, taken))
+
+    def _passed(self, session: Session, taken: Taken | None, done: str) -> None:
+        """The log's line for each mail of a disposed-of batch; the cursor passes it."""
+        if taken is None:
+            return
+        for uid, size, a in taken.mails:
             log.info(
                 "imap %s uid %d: inbound %d, %d bytes, %s, %s",
                 self.name,
                 uid,
                 a.inbound_id,
-                len(bodies[uid]),
+                size,
                 f"duplicate of {a.duplicate_of}" if a.duplicate_of else "accepted",
                 done,
             )
+        self.state.advance(self.name, session.uidvalidity, taken.last_uid, self.clock())
 
     def _bodies(self, session: Session, uids: Sequence[int]) -> dict[int, bytes]:
         """The raw messages. A failed fetch raises (the pass ends, the connection is
@@ -609,7 +640,7 @@ class ImapWatcher:
         for uid in set(uids) - set(bodies):
             # Expunged by someone else since the SEARCH: nothing left to take.
             log.info("imap %s uid %d: gone before it was fetched", self.name, uid)
-        return {uid: bytes(raw) for uid, raw in bodies.items()}
+        return {uid: bytes(bodies[uid]) for uid in uids if uid in bodies}  # in UID order
 
     def _blame(self, uidvalidity: int, uids: Sequence[int], exc: Exception) -> None:
         if len(uids) > 1:
@@ -655,8 +686,9 @@ class ImapWatcher:
         if not self._read_only:
             self._move(session, uids, self.config.failed_folder)
 
-    def _dispose(self, session: Session, uids: list[int]) -> str:
+    def _dispose(self, session: Session, taken: Taken | None) -> str:
         """What `after` says, for accepted mail; returns what was done, for the log."""
+        uids = [uid for uid, _, _ in taken.mails] if taken else []
         if not uids or self.config.after == "keep":
             return "kept"
         if self.config.after == "delete":

@@ -19,7 +19,9 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+T = TypeVar("T")
 TMP = "tmp"
 BATCH = ".batch"
 JOURNAL_LIMIT = 64 << 20  # bytes of lone mails in one spool file
@@ -106,7 +108,7 @@ class Beside:
         self._pool: ThreadPoolExecutor | None = None
         self._pid = os.getpid()
 
-    def start(self, call: Callable[[], None]) -> Future[None]:
+    def start(self, call: Callable[[], T]) -> Future[T]:
         """`call` on the helper; made here instead, before returning, when no helper thread
         can be had (the interpreter shutting down): either way it is made exactly once."""
         if self._pool is None or self._pid != os.getpid():  # a forked child has no thread
@@ -114,17 +116,16 @@ class Beside:
             self._pid = os.getpid()
         inside = threading.Event()
 
-        def run() -> None:
+        def run() -> T:
             inside.set()
-            call()
+            return call()
 
         try:
             done = self._pool.submit(run)
         except RuntimeError:
             done = Future()
             try:
-                call()
-                done.set_result(None)
+                done.set_result(call())
             except BaseException as exc:
                 done.set_exception(exc)
             return done
