@@ -306,6 +306,38 @@ def test_keep_leaves_the_mail_unread_and_the_cursor_stops_a_refetch(
     assert count(app, "SELECT COUNT(*) FROM inbound") == 1 and ecrs(app) == 1
 
 
+@pytest.mark.parametrize("offered", [True, False])
+@pytest.mark.parametrize("after", ["move", "delete"])
+def test_qresync_is_enabled_where_offered_and_accepted_mail_still_leaves(
+    request: pytest.FixtureRequest, app: App, after: str, offered: bool
+) -> None:
+    """With QRESYNC the server reports removed UIDs as VANISHED ranges instead of EXPUNGE
+    lines; either way the mail leaves the folder and each is one ECR."""
+    used: Dovecot = request.getfixturevalue("server" if offered else "plain_server")
+    enabled: list[tuple[str, ...]] = []
+
+    def factory(*args: Any, **kw: Any) -> imap.Client:
+        client = Watching(imap.default_client(*args, **kw), [], None)
+        enable = client.real.enable
+
+        def noted_enable(*capabilities: str) -> Any:
+            enabled.append(capabilities)
+            return enable(*capabilities)
+
+        client.enable = noted_enable  # type: ignore[method-assign]
+        return client
+
+    w = watcher(app, used, after=after, client_factory=factory, batch_count=2)
+    with used.other_client() as other:
+        for i in range(5):
+            other.append(mail(subject=f"Printer {i}"))
+        assert w.try_once()
+        assert other.messages("INBOX") == {}
+        assert len(other.messages("Processed")) == (5 if after == "move" else 0)
+    assert enabled == ([("QRESYNC",)] if offered else [])
+    assert ecrs(app) == 5 and ImapState(app.db).cursor("test").last_uid == 5
+
+
 def run_in_thread(
     data_dir: Path, clock: Clock, server: Dovecot, **overrides: Any
 ) -> tuple[threading.Thread, threading.Event]:
