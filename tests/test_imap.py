@@ -255,6 +255,23 @@ def test_appended_mails_become_ecrs_and_move_to_processed(
     assert not any(body in caplog.text for body in bodies)  # logs never carry bodies
 
 
+def test_no_mail_body_reaches_the_log_even_at_debug(
+    server: Dovecot, app: App, caplog: pytest.LogCaptureFixture
+) -> None:
+    """imapclient sets imaplib's trace to route every line read to a debug logger; the
+    watcher's client turns it off, so a DEBUG log level never shows a FETCHed body."""
+    secret = "Patient Jane Roe, born 1970-01-01, results attached"
+    with server.other_client() as other:
+        other.append(mail(subject="Results", body=secret))
+    caplog.set_level(logging.DEBUG)
+    w = watcher(app, server)
+    assert w.try_once()
+    app.pipeline.process_waiting()
+    assert ecrs(app) == 1
+    assert "imapclient" in caplog.text  # debug logging was on, and imapclient used it
+    assert secret not in caplog.text
+
+
 def test_sizes_are_exact_for_large_mails_and_a_bound_for_small_ones(
     server: Dovecot, app: App
 ) -> None:

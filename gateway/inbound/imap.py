@@ -270,8 +270,20 @@ class Client(Protocol):
 
 
 ClientFactory = Callable[..., Client]
-# The real thing: tests wrap it (to watch what is fetched) rather than replace it.
-default_client: ClientFactory = imapclient.IMAPClient
+
+
+def default_client(*args: Any, **kw: Any) -> Client:
+    """The real thing (tests wrap it, to watch what is fetched, rather than replace it), with
+    imaplib's trace off. imapclient turns it on (level 5) to route it to the
+    `imapclient.imaplib` logger, so imaplib formats every line it reads, mail bodies included,
+    into a debug message whether or not anything logs at DEBUG: half the CPU of a FETCH, and
+    patient data one log level away from the log (PRODUCT §6). imapclient's own debug lines,
+    which it truncates, are unchanged."""
+    client = imapclient.IMAPClient(*args, **kw)
+    connection = getattr(client, "_imap", None)  # imapclient's imaplib.IMAP4
+    if connection is not None:
+        connection.debug = 0
+    return client  # type: ignore[no-any-return]
 Accept = Callable[[Sequence[Envelope]], list[Accepted]]
 
 
