@@ -593,7 +593,34 @@ def test_a_journal_is_flushed_whole_once_for_its_entry_then_only_its_data(
     spool.sync_beside([spool.write_many([b"two"], sync=False)[0]]).result()
     spool.write_many([b"three"])  # past the limit: a new journal, its entry again
     spool.write_many([b"four"])
-    assert calls == ["file system", "journal data", "file system", "journal data"]
+    # After each file system sync, the journal's own flush hears of an error on its pages.
+    assert calls == [
+        "file system", "journal data", "journal data", "file system", "journal data", "journal data"
+    ]
+
+
+@pytest.mark.parametrize("store", ["spool batch", "spool journal", "attachments"])
+def test_a_write_error_another_sync_was_told_of_still_fails_ours(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store: str
+) -> None:
+    """syncfs tells a write error to the first descriptor that asks (here: it says all is
+    well, as it does once another thread's or process's sync was told); the file's own flush
+    still reports it, so nothing is acknowledged on the strength of the syncfs alone."""
+    from gateway.store import files as store_files
+
+    monkeypatch.setattr(store_files, "_syncfs_fd", lambda fd: True)
+
+    def lost_pages(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store_files, "datasync_fd", lost_pages)
+    with pytest.raises(OSError, match="Input/output"):
+        if store == "attachments":
+            store_files.Blobs(tmp_path / "blobs").put_many([("ab" * 32, b"scan")])
+        else:
+            spool = Spool(tmp_path / "spool")
+            raws = [b"one", b"two"] if store == "spool batch" else [b"one"]
+            spool.sync(spool.write_many(raws, sync=False))
 
 
 def test_a_journal_write_that_fails_leaves_its_end_where_it_was(
@@ -702,6 +729,29 @@ def test_a_helper_thread_serves_a_forked_child_and_one_that_cannot_start(
     with pytest.raises(OSError):
         helper.start(failing).result()
     assert made == ["parent", "made here"]
+
+
+def test_a_call_made_here_because_no_thread_could_start_is_never_made_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pool queues a call before it starts the thread that would make it: when that
+    thread cannot start, the call is made here and must not be left queued for the next."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gateway.store.files import Beside
+
+    real_adjust = ThreadPoolExecutor._adjust_thread_count  # type: ignore[attr-defined]
+
+    def no_thread(self: ThreadPoolExecutor) -> None:
+        raise RuntimeError("can't start new thread")
+
+    helper, made = Beside("test"), []
+    monkeypatch.setattr(ThreadPoolExecutor, "_adjust_thread_count", no_thread)
+    helper.start(lambda: made.append("first")).result()
+    monkeypatch.setattr(ThreadPoolExecutor, "_adjust_thread_count", real_adjust)
+    helper.start(lambda: made.append("second")).result(timeout=5)
+    helper.close()
+    assert made == ["first", "second"]
 
 
 # --- store: waiting for another connection's write ---------------------------------------------

@@ -76,6 +76,20 @@ def _ensure_dir(path: str) -> list[str]:
     return created
 
 
+def datasync_files(paths: Iterable[Path | str]) -> None:
+    """Each file's data flushed after a syncfs, which is what hears of an error writing them:
+    syncfs reports a write error to whoever asks first, and only on a descriptor opened before
+    the error (Linux 5.8; never before), so another thread's or process's sync may have been
+    told instead. A file's own flush reports an error on its pages until someone flushes that
+    file, and costs little once the syncfs has written them."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            datasync_fd(fd)
+        finally:
+            os.close(fd)
+
+
 def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -123,6 +137,9 @@ class Beside:
         try:
             done = self._pool.submit(run)
         except RuntimeError:
+            # A thread that could not start leaves the call queued for the next one: never.
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
             done = Future()
             try:
                 done.set_result(call())
@@ -224,7 +241,8 @@ class Spool:
     def sync(self, names: list[str]) -> None:
         """Make written mails durable, for a batch: the journal's data alone when they are
         all in it and its entry is durable, else one syncfs where Linux has it (files and
-        directory entries in one call), else each file and directory once."""
+        directory entries in one call; then each file's data, to hear of an error on it),
+        else each file and directory once."""
         self._syncer(names)()
 
     def sync_beside(self, names: list[str]) -> Future[None]:
@@ -241,7 +259,9 @@ class Spool:
                 return on_fd(os.dup(journal.file.fileno()), datasync_fd)
 
         def sync(fd: int) -> None:
-            if not _syncfs_fd(fd):
+            if _syncfs_fd(fd):
+                datasync_files(self.root / f for f in files)
+            else:
                 self._sync_each(names)
             if journal is not None and journal.name in files:
                 journal.entry_durable = True
@@ -421,6 +441,7 @@ class Blobs:
     def _sync(self, files: list[str], directories: list[str]) -> None:
         """One syncfs where Linux has it (contents and names at once), else each one."""
         if _syncfs(self.root):
+            datasync_files(files)
             return
         for path in files:
             fsync_file(Path(path))
