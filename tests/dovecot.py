@@ -83,6 +83,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class DovecotExited(RuntimeError):
+    pass
+
+
 class Dovecot:
     def __init__(self, capability: str = "") -> None:
         self.user, self.group = _unprivileged()
@@ -113,26 +117,41 @@ class Dovecot:
             for path in [self.root, *self.root.rglob("*")]:
                 os.chown(path, uid, gid)
 
-    def start(self) -> Dovecot:
+    def start(self, attempts: int = 3) -> Dovecot:
+        """Started and greeting. A master that exits at once is started again: right after a
+        kill, a loaded machine has been seen to make the new one give up (rarely)."""
+        for attempt in range(attempts):
+            try:
+                self._start_once()
+                return self
+            except DovecotExited:
+                self.proc = None
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.2)
+        return self
+
+    def _start_once(self) -> None:
         root_only: dict[str, Any] = {}
         if os.geteuid() == 0:
             root_only = {"user": self.user, "group": self.group, "extra_groups": []}
-        self.proc = subprocess.Popen(
-            [str(DOVECOT), "-F", "-c", str(self.root / "dovecot.conf")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # its own process group: kill() takes its children too
-            **root_only,
-        )
+        with open(self.root / "stderr.log", "ab") as stderr:
+            self.proc = subprocess.Popen(
+                [str(DOVECOT), "-F", "-c", str(self.root / "dovecot.conf")],
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,  # its own process group: kill() takes its children too
+                **root_only,
+            )
         self._wait_for_greeting()
-        return self
 
     def _wait_for_greeting(self) -> None:
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise RuntimeError(f"dovecot exited: {self.log()[-2000:]}")
+                said = (self.root / "stderr.log").read_text(errors="replace")
+                raise DovecotExited(f"dovecot exited: {said[-1000:]}{self.log()[-2000:]}")
             with contextlib.suppress(OSError), socket.create_connection(
                 ("127.0.0.1", self.port), timeout=1
             ) as s:

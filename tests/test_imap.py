@@ -580,6 +580,60 @@ def test_one_unreadable_message_never_blocks_the_rest(server: Dovecot, app: App)
         assert other.imap.uid("SEARCH", "ALL")[1][0].split() == [b"1"]
 
 
+def test_an_oversize_mail_the_server_cannot_read_never_blocks_the_rest(
+    server: Dovecot, data_dir: Path, clock: Clock
+) -> None:
+    app = build_app(make_settings(data_dir, {"ECR_GATEWAY_SMTP__MAX_MESSAGE_SIZE": "20000"}), clock)
+    try:
+        with server.other_client() as other:
+            other.append(mail(subject="Scans", body="x" * 30000))
+            other.append(mail(subject="After"))
+        maildir = server.root / "mail" / dovecot.USER
+        broken = next(p for p in maildir.rglob("*,S=*") if b"Subject: Scans" in p.read_bytes())
+        os.chmod(broken, 0)  # even its header block cannot be fetched
+        w = watcher(app, server)
+        for _ in range(2 * imap.FETCH_STRIKES):
+            if w.try_once():
+                break
+        assert w.try_once()
+        assert ecrs(app) == 1  # the mail after it
+        [skip] = ImapState(app.db).skips("test")
+        assert skip["uid"] == 1 and "failed 3 times" in skip["reason"]
+        with server.other_client() as other:
+            assert other.messages("INBOX") == {}  # moved aside, to Failed
+            other.imap.select("Failed", readonly=True)
+            assert other.imap.uid("SEARCH", "ALL")[1][0].split() == [b"1"]
+    finally:
+        app.close()
+
+
+def test_connections_dropped_under_a_good_mail_do_not_set_it_aside(
+    server: Dovecot, app: App
+) -> None:
+    with server.other_client() as other:
+        for subject in ("One", "Two", "Three"):
+            other.append(mail(subject=subject))
+    fetches: list[tuple[tuple[int, ...], str]] = []
+    drops = 0
+
+    def before_fetch(what: str) -> None:
+        nonlocal drops
+        uids = fetches[-1][0]
+        if what == "BODY.PEEK[]" and (len(uids) > 1 or uids == (2,)) and drops < 4:
+            drops += 1
+            server.kill()  # the batch's fetch once, then mail 2's alone three times
+
+    w = watcher(app, server, client_factory=watching(fetches, before_fetch))
+    for _ in range(4):
+        assert not w.try_once()
+        server.start()
+    assert w.try_once()
+    assert drops == 4 and ecrs(app) == 3
+    assert ImapState(app.db).skips("test") == []
+    with server.other_client() as other:
+        assert other.messages("INBOX") == {} and len(other.messages("Processed")) == 3
+
+
 def test_the_same_mail_through_smtp_and_imap_is_one_ecr(server: Dovecot, app: App) -> None:
     raw = mail(subject="Sent twice")
     app.pipeline.ingest(Envelope(raw, "smtp", "gp@practice.example", ("support@localhost",)))

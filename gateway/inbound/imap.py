@@ -54,7 +54,8 @@ BATCH_BYTES = 16 * 1024 * 1024  # and at most this much of them in memory at onc
 HEADER_CAP = 65536  # bytes of an oversize mail's header block we fetch for its stand-in
 SEARCH_CHUNK = 1000  # UIDs per FETCH RFC822.SIZE, to bound the command line
 TOKEN_TIMEOUT = 30.0
-FETCH_STRIKES = 3  # failed fetches of one message alone before it is set aside
+FETCH_STRIKES = 3  # fetches of one message alone the server failed before it is set aside
+DROP_STRIKES = 10  # or fetches of it alone that failed in any way, the connection dropping
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 300.0
 
 
@@ -400,7 +401,7 @@ class ImapWatcher:
         self._told_no_uidplus = False
         # (UIDVALIDITY, UID) of messages to fetch one by one, and failed single fetches.
         self._alone: set[tuple[int, int]] = set()
-        self._strikes: dict[tuple[int, int], int] = {}
+        self._failures: dict[tuple[int, int], list[bool]] = {}  # each: the connection dropped
         self._mover = Beside(f"imap-{config.name}-move")
 
     @property
@@ -635,46 +636,54 @@ class ImapWatcher:
         self.state.advance(self.name, session.uidvalidity, taken.last_uid, self.clock())
 
     def _bodies(self, session: Session, uids: Sequence[int]) -> dict[int, bytes]:
-        """The raw messages. A failed fetch raises (the pass ends, the connection is
-        dropped: servers such as Dovecot hang up on a message they cannot read), and leaves
-        its messages to be fetched one by one next time; one that fails alone FETCH_STRIKES
-        times is set aside, so it never holds back the others."""
-        try:
-            bodies = self._fetch_bodies(session, uids)
-        except Exception as exc:
-            self._blame(session.uidvalidity, uids, exc)
-            raise
-        for uid in uids:
-            self._alone.discard((session.uidvalidity, uid))
-            self._strikes.pop((session.uidvalidity, uid), None)
-        return bodies
-
-    def _fetch_bodies(self, session: Session, uids: Sequence[int]) -> dict[int, bytes]:
-        found = session.client.fetch(list(uids), ["BODY.PEEK[]"])
+        found = self._fetch(session, uids, "BODY.PEEK[]")
         bodies = {uid: data[b"BODY[]"] for uid, data in found.items() if b"BODY[]" in data}
         for uid in set(uids) - set(bodies):
             # Expunged by someone else since the SEARCH: nothing left to take.
             log.info("imap %s uid %d: gone before it was fetched", self.name, uid)
         return {uid: bytes(bodies[uid]) for uid in uids if uid in bodies}  # in UID order
 
+    def _fetch(self, session: Session, uids: Sequence[int], item: str) -> dict[int, Any]:
+        """A FETCH that may fail because of one of its messages. A failed fetch raises (the
+        pass ends, the connection is dropped: servers such as Dovecot hang up on a message
+        they cannot read), and leaves its messages to be fetched one by one next time; one
+        that fails alone is set aside, so it never holds back the others (`_blame`)."""
+        try:
+            found: dict[int, Any] = session.client.fetch(list(uids), [item])
+        except Exception as exc:
+            self._blame(session.uidvalidity, uids, exc)
+            raise
+        for uid in uids:
+            self._alone.discard((session.uidvalidity, uid))
+            self._failures.pop((session.uidvalidity, uid), None)
+        return found
+
     def _blame(self, uidvalidity: int, uids: Sequence[int], exc: Exception) -> None:
+        """Set a message aside once the server failed FETCH_STRIKES fetches of it alone, or
+        the connection dropped under DROP_STRIKES of them: a drop (EOF, a reset, a timeout)
+        may be a server that dies on the message, but also a flaky link or a restart."""
         if len(uids) > 1:
             self._alone |= {(uidvalidity, u) for u in uids}
             return
         key = (uidvalidity, uids[0])
-        strikes = self._strikes[key] = self._strikes.get(key, 0) + 1
-        if strikes < FETCH_STRIKES:
+        failures = self._failures.setdefault(key, [])
+        failures.append(_dropped(exc))
+        refused = failures.count(False)
+        if refused < FETCH_STRIKES and len(failures) < DROP_STRIKES:
             return
         # Recorded in the database: the next pass, on a new connection, sets it aside.
-        reason = f"fetching it failed {strikes} times: {_safe_text(exc)}"
+        reason = (
+            f"fetching it failed {len(failures)} times ({refused} failed by the server): "
+            f"{_safe_text(exc)}"
+        )
         self.state.skip_now(self.name, uidvalidity, uids[0], reason, self.clock())
         log.warning("imap %s uid %d: %s; set aside", self.name, uids[0], reason)
-        del self._strikes[key]
+        del self._failures[key]
 
     def _refuse(self, session: Session, uid: int, size: int) -> None:
         """Over the limit: headers only, once, for the record and the sender's answer."""
         left_in = self.config.folder if self._read_only else self.config.failed_folder
-        found = session.client.fetch([uid], [f"BODY.PEEK[HEADER]<0.{HEADER_CAP}>"])
+        found = self._fetch(session, [uid], f"BODY.PEEK[HEADER]<0.{HEADER_CAP}>")
         header = next(
             (bytes(v) for k, v in found.get(uid, {}).items() if k.startswith(b"BODY[HEADER]")),
             b"",
@@ -836,6 +845,12 @@ def _is_news(response: Any) -> bool:
         b"EXISTS",
         b"RECENT",
     )
+
+
+def _dropped(exc: BaseException) -> bool:
+    """The connection failed under a command (imaplib's "socket error", a reset, a timeout),
+    which says nothing for or against the message it was fetching."""
+    return isinstance(exc, OSError) or "socket error" in str(exc)
 
 
 def _safe_text(exc: BaseException) -> str:
