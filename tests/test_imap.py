@@ -396,6 +396,41 @@ def test_idle_picks_up_a_new_mail_without_a_poll(
     assert "Logged out" in server.log()  # a clean LOGOUT on stop
 
 
+def test_a_mail_told_of_only_in_a_passes_search_reply_is_taken_before_idling(
+    server: Dovecot, app: App, data_dir: Path, clock: Clock
+) -> None:
+    """A mail delivered just after a pass's SELECT is missed by its SEARCH, and the EXISTS
+    that tells of it comes with that reply, not during the IDLE after it."""
+    selects = 0
+
+    def factory(*args: Any, **kw: Any) -> imap.Client:
+        client = Watching(imap.default_client(*args, **kw), [], None)
+        select = client.real.select_folder
+
+        def select_then_deliver(folder: str, readonly: bool = False) -> Any:
+            nonlocal selects
+            info = select(folder, readonly)
+            selects += 1
+            if selects == 1:
+                with server.other_client() as other:
+                    other.append(mail(subject="Right after the SELECT"))
+            return info
+
+        client.select_folder = select_then_deliver  # type: ignore[method-assign]
+        return client
+
+    thread, stop = run_in_thread(
+        data_dir, clock, server, poll_interval=3600, client_factory=factory
+    )
+    try:
+        took = wait_for(lambda: inbound_rows(app)(1), seconds=5)
+        assert took < 5  # a poll would have come after an hour
+    finally:
+        stop.set()
+        thread.join(5)
+    assert ecrs(app) == 1 and selects >= 2
+
+
 def test_run_reconnects_after_the_server_restarts(
     server: Dovecot, app: App, data_dir: Path, clock: Clock
 ) -> None:

@@ -256,6 +256,7 @@ class Client(Protocol):
     def folder_exists(self, folder: str) -> bool: ...
     def create_folder(self, folder: str) -> Any: ...
     def select_folder(self, folder: str, readonly: bool = False) -> dict[bytes, Any]: ...
+    def folder_status(self, folder: str, what: Any = None) -> dict[bytes, Any]: ...
     def search(self, criteria: Any = "ALL", charset: str | None = None) -> list[int]: ...
     def fetch(self, messages: Any, data: Any, modifiers: Any = None) -> dict[int, Any]: ...
     def move(self, messages: Any, folder: str) -> Any: ...
@@ -310,6 +311,7 @@ class Session:
     can_move: bool
     can_uid_expunge: bool
     can_idle: bool
+    uidnext: int | None = None  # as the last SELECT said
 
 
 @dataclass(frozen=True)
@@ -445,8 +447,23 @@ class ImapWatcher:
         return True
 
     def _drain(self) -> None:
-        while self.poll_once() and not self._stop.is_set():
+        while (self.poll_once() or self._arrived()) and not self._stop.is_set():
             pass
+
+    def _arrived(self) -> bool:
+        """Whether mail arrived since the last SELECT. A server may tell of it in its reply to
+        that pass's SEARCH (which did not see it yet), where imapclient keeps it to itself,
+        and never again: IDLE would wait for the next mail, or the next poll."""
+        session = self.session
+        if session is None or session.uidnext is None:
+            return False
+        try:
+            status = session.client.folder_status(self.config.folder, ["UIDNEXT"])
+        except IMAPClientError as exc:
+            if isinstance(exc, IMAPClientAbortError):
+                raise
+            return False  # STATUS of the selected folder refused: the next poll takes it
+        return int(status.get(b"UIDNEXT", 0)) > session.uidnext
 
     def poll_once(self) -> int:
         """One pass; returns how many messages it handled (0: nothing new). Raises on any
@@ -488,6 +505,7 @@ class ImapWatcher:
         session = self.session or self._connect()
         info = session.client.select_folder(self.config.folder, readonly=self._read_only)
         session.uidvalidity = int(info[b"UIDVALIDITY"])
+        session.uidnext = int(info[b"UIDNEXT"]) if b"UIDNEXT" in info else None
         return session
 
     @property
