@@ -12,6 +12,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -669,6 +670,28 @@ def test_connections_dropped_under_a_good_mail_do_not_set_it_aside(
         assert other.messages("INBOX") == {} and len(other.messages("Processed")) == 3
 
 
+def test_a_full_disk_of_ours_is_reported_as_ours_not_as_the_server(
+    server: Dovecot, app: App, caplog: pytest.LogCaptureFixture
+) -> None:
+    def accept(envelopes: Sequence[Envelope]) -> list[Accepted]:
+        raise OSError(28, "No space left on device")
+
+    w = imap.ImapWatcher(config(server), accept, ImapState(app.db), clock=app.clock)
+    assert w.try_once()  # connected, nothing to take yet
+    with server.other_client() as other:
+        other.append(mail(subject="Waits for the disk"))
+        other.append(mail(subject="Also waits"))
+    caplog.set_level(logging.INFO)
+    assert not w.try_once()
+    [failure] = [r for r in caplog.records if "pass failed" in r.getMessage()]
+    assert failure.levelno == logging.ERROR and failure.exc_info  # with its traceback
+    assert "reconnecting" not in caplog.text  # not taken for a dropped connection
+    [health] = ImapState(app.db).health()
+    assert "LocalError" in health["last_error"] and "No space" in health["last_error"]
+    with server.other_client() as other:
+        assert len(other.messages("INBOX")) == 2  # nothing moved that was not accepted
+
+
 def test_the_same_mail_through_smtp_and_imap_is_one_ecr(server: Dovecot, app: App) -> None:
     raw = mail(subject="Sent twice")
     app.pipeline.ingest(Envelope(raw, "smtp", "gp@practice.example", ("support@localhost",)))
@@ -721,6 +744,36 @@ def test_an_unreachable_mailbox_is_warned_about_after_the_configured_time(
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
     [health] = ImapState(app.db).health()
     assert health["reconnects"] == 4 and "ConnectionRefused" in health["last_error"]
+
+
+def test_the_unreachable_warning_comes_on_time_whatever_the_backoff(
+    app: App, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Attempts back off to minutes apart; the warning, given by a failed attempt, must
+    still come when the outage reaches the configured time, not at the next attempt."""
+    table = {**BASE, "host": "127.0.0.1", "port": dovecot.free_port(), "security": "none"}
+    w = imap.watcher_for(app, imap.parse_mailbox(table, {"PW": "x"}))
+
+    class Waits:  # run()'s waits pass on the gateway's clock, at once
+        def __init__(self) -> None:
+            self.waited: list[float] = []
+
+        def is_set(self) -> bool:
+            return clock() - start > timedelta(seconds=1000)
+
+        def wait(self, timeout: float | None = None) -> bool:
+            self.waited.append(timeout or 0.0)
+            clock.advance(seconds=timeout or 0.0)
+            return False
+
+    start = clock()
+    caplog.set_level(logging.INFO)
+    w.run(Waits())
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    downs = [int(m.split("unreachable for ")[1].split("s:")[0]) for m in warned]
+    # At 300 s of outage, then every further 300 s (the backoff alone reaches 256 s).
+    assert len(downs) >= 3
+    assert all(300 * n <= d <= 300 * n + 1 for n, d in enumerate(downs[:3], 1))
 
 
 def test_start_watchers_runs_one_thread_per_mailbox(server: Dovecot, data_dir: Path) -> None:

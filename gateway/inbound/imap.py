@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -57,6 +57,7 @@ TOKEN_TIMEOUT = 30.0
 FETCH_STRIKES = 3  # fetches of one message alone the server failed before it is set aside
 DROP_STRIKES = 10  # or fetches of it alone that failed in any way, the connection dropping
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 300.0
+WARNING_MARGIN = 0.5  # seconds past an outage's warning time that the attempt giving it comes
 
 
 # --- configuration ------------------------------------------------------------------------
@@ -294,6 +295,10 @@ class Stop(Protocol):
     def wait(self, timeout: float | None = None) -> bool: ...
 
 
+class LocalError(Exception):
+    """Our side failed (an OSError of the spool's disk), not the server or the connection."""
+
+
 class TokenError(Exception):
     """The OAuth2 token command failed; the message says how, never what it printed."""
 
@@ -424,7 +429,7 @@ class ImapWatcher:
                     self._wait_for_news(stop)
                 else:
                     failures += 1
-                    stop.wait(backoff(failures))
+                    stop.wait(self._retry_in(failures))
         finally:
             self.disconnect()
             self._mover.close()
@@ -625,7 +630,7 @@ class ImapWatcher:
         envelopes = [Envelope(raw, self.config.source, received_at=now) for raw in bodies.values()]
         moving = self._mover.start(lambda: self._dispose(session, behind))
         try:
-            accepted = self.accept(envelopes) if envelopes else []
+            accepted = self._accept(envelopes)
         finally:
             # Whatever happened here, the connection is only ours again once the move is done.
             self._passed(session, behind, moving.result())
@@ -633,6 +638,16 @@ class ImapWatcher:
             self.wake()
         mails = zip(bodies.items(), accepted, strict=True)
         return Taken(uids[-1], tuple((uid, len(raw), a) for (uid, raw), a in mails))
+
+    def _accept(self, envelopes: list[Envelope]) -> list[Accepted]:
+        """`accept`, whose failures are ours (the spool's disk, the database): a full disk
+        is no reason to reconnect and fetch again at once, and its traceback is logged."""
+        if not envelopes:
+            return []
+        try:
+            return self.accept(envelopes)
+        except OSError as exc:
+            raise LocalError(f"accepting {len(envelopes)} fetched mails failed: {exc}") from exc
 
     def _settle(self, session: Session, taken: Taken | None) -> None:
         self._passed(session, taken, self._dispose(session, taken))
@@ -833,6 +848,17 @@ class ImapWatcher:
         except Exception:
             log.exception("imap %s: cannot record the failure", self.name)
         self._warn_if_long(now, since, text)
+
+    def _retry_in(self, failures: int) -> float:
+        """The backoff, cut short where the outage would otherwise pass its warning's time
+        with no attempt there to fail and give the warning (5 minutes late, at worst)."""
+        delay = backoff(failures)
+        if self._down_since is None:
+            return delay
+        due = (self._warned_at or self._down_since) + timedelta(
+            seconds=self.config.unreachable_warning_seconds
+        )
+        return min(delay, max((due - self.clock()).total_seconds(), 0.0) + WARNING_MARGIN)
 
     def _warn_if_long(self, now: datetime, since: datetime, text: str) -> None:
         """A warning once the outage passes the limit, and again each further limit."""
