@@ -100,11 +100,13 @@ class OversizeDesk:
 
 
 def stand_in(mail: TooLarge) -> bytes:
-    """The original header block, its MIME structure fields removed, above our note."""
+    """The original header block, its MIME structure fields removed, above our note. Nothing
+    in it names the UID (the row's reason does): a mail without a Message-ID is known again
+    by these bytes when it comes back under another UID (moved back, a new UIDVALIDITY)."""
     note = (
         f"The body of this mail was not fetched: it is {mail.size} bytes, over the gateway's "
         f"limit of {mail.limit} bytes (smtp.max_message_size). The complete mail is in the "
-        f'folder "{mail.left_in}" of the IMAP mailbox "{mail.mailbox}" (UID {mail.uid}).\r\n'
+        f'folder "{mail.left_in}" of the IMAP mailbox "{mail.mailbox}".\r\n'
     )
     head = b"".join(_fields_without_structure(_header_lines(mail.header)))
     return (

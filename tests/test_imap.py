@@ -595,6 +595,30 @@ def test_an_oversize_mail_is_quarantined_once_and_never_fetched(
         app.close()
 
 
+def test_an_oversize_mail_without_a_message_id_is_quarantined_once_too(
+    server: Dovecot, data_dir: Path, clock: Clock
+) -> None:
+    app = build_app(make_settings(data_dir, {"ECR_GATEWAY_SMTP__MAX_MESSAGE_SIZE": "20000"}), clock)
+    big = (
+        b"From: Dr Who <gp@practice.example>\r\nTo: support@localhost\r\n"
+        b"Subject: Scans\r\n\r\n" + b"A line of a long report.\r\n" * 1200
+    )
+    try:
+        with server.other_client() as other:
+            other.append(big)
+            w = watcher(app, server)
+            assert w.try_once()
+            other.copy_all("Failed", "INBOX")  # someone puts it back: a new UID
+            assert w.try_once()
+        rows = app.db.rows("SELECT outcome, reason FROM inbound ORDER BY id")
+        assert [r["outcome"] for r in rows] == ["quarantined", "duplicate"]
+        assert "UID 1," in rows[0]["reason"]  # the row says where the mail is
+        told = app.db.rows("SELECT recipient FROM outbox WHERE template = 'oversize'")
+        assert len(told) == 1
+    finally:
+        app.close()
+
+
 def test_one_unreadable_message_never_blocks_the_rest(server: Dovecot, app: App) -> None:
     with server.other_client() as other:
         for subject in ("First", "Broken", "Third"):
