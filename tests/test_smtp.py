@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import smtplib
@@ -13,8 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from gateway.app import App, build_app
+from gateway.inbound.smtp import Acceptor
+from gateway.model import Envelope as Mail
 from gateway.store.files import Spool
-from tests.conftest import mail
+from gateway.store.records import Accepted
+from tests.conftest import mail, make_settings
 from tests.serving import Served
 
 LIMITS = {
@@ -191,6 +196,36 @@ def test_our_own_failure_is_451_and_nothing_half_stored(served: Served, data_dir
     wait_for(lambda: rows(data_dir, "SELECT outcome FROM inbound") == [("created",)])
 
 
+def test_clients_that_hang_up_while_waiting_for_their_250_stop_no_one(
+    served: Served, data_dir: Path
+) -> None:
+    """A session that ends while its mail is being accepted cancels its answer; the acceptor
+    must go on answering the others (it died on the cancelled answer, and every later mail
+    then waited for its idle timeout)."""
+    for n in range(10):
+        s = socket.create_connection(("127.0.0.1", served.smtp_port), timeout=10)
+        s.recv(1000)
+        s.sendall(
+            b"EHLO p.example\r\nMAIL FROM:<gp@practice.example>\r\n"
+            b"RCPT TO:<support@localhost>\r\nDATA\r\n"
+        )
+        s.sendall(mail(subject=f"Hung up {n}") + b".\r\n")
+        s.close()  # at once: no QUIT, no waiting for the 250
+    with client(served) as c:
+        c.sendmail("gp@practice.example", ["support@localhost"], mail(subject="Later"))
+    wait_for(lambda: ("Later",) in rows(data_dir, "SELECT subject FROM ecrs"))
+
+
+def test_a_sender_address_that_is_not_utf8_is_refused_at_mail(served: Served) -> None:
+    with client(served) as c:
+        c.ehlo()
+        c.send(b"MAIL FROM:<gp\xff@practice.example>\r\n")
+        code, _ = c.getreply()
+        assert code == 553
+        c.rset()
+        assert c.sendmail("gp@practice.example", ["support@localhost"], mail()) == {}
+
+
 def test_sigterm_stops_cleanly(data_dir: Path) -> None:
     s = Served(data_dir, LIMITS).start()
     with client(s) as c:
@@ -263,3 +298,28 @@ def test_a_signal_to_the_whole_process_group_stops_serve_cleanly(data_dir: Path)
     assert s.proc.wait(30) == 0, "".join(s.lines[-20:])
     assert any("ecr-gateway stopped" in line for line in s.lines)
     assert not Path(f"/proc/{worker}").exists() or "Z" in Path(f"/proc/{worker}/stat").read_text()
+
+
+def test_a_message_that_cannot_be_stored_fails_only_its_own_session(
+    app: App, data_dir: Path
+) -> None:
+    """The acceptor takes waiting messages as one batch; when the batch fails, each is tried
+    alone, so one message that cannot be stored (here a sender that is not UTF-8, which the
+    receiver refuses at MAIL) does not answer 451 to everyone it was batched with."""
+    good = [Mail(mail(subject=f"Good {n}"), "smtp", "gp@practice.example") for n in range(3)]
+    poison = Mail(mail(subject="Poison"), "smtp", "gp\udcff@practice.example")
+    # The acceptor's pipeline is its own: an SQLite connection stays in its thread.
+    acceptor = Acceptor(lambda: build_app(make_settings(data_dir)).pipeline, lambda: None)
+
+    async def submit_all() -> list[Accepted | BaseException]:
+        waiting = [asyncio.ensure_future(acceptor.submit(m)) for m in [*good[:2], poison, good[2]]]
+        await asyncio.sleep(0.05)  # all four queued before the acceptor starts: one batch
+        acceptor.start()
+        return await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 10)
+
+    try:
+        results = asyncio.run(submit_all())
+    finally:
+        acceptor.stop()
+    assert [isinstance(r, Accepted) for r in results] == [True, True, False, True]
+    assert app.db.value("SELECT COUNT(*) FROM inbound") == 3

@@ -100,7 +100,16 @@ class Acceptor:
     def _run(self) -> None:
         pipeline = self.make_pipeline()  # its own SQLite connection, in this thread
         while (batch := self._next_batch()) is not None:
-            self._accept(pipeline, batch)
+            # A session that went away while waiting (its client hung up, a timeout) has
+            # cancelled its answer: no one waits for it, and its sender will send again.
+            waiting = [(m, f) for m, f in batch if f.set_running_or_notify_cancel()]
+            try:
+                self._accept(pipeline, waiting)
+            except Exception:  # a bug: this thread is every session's way to a 250
+                log.exception("the SMTP acceptor failed on a batch; going on")
+                for _, future in waiting:
+                    if not future.done():
+                        future.set_exception(RuntimeError("not accepted"))
 
     def _next_batch(self) -> list[Waiting] | None:
         first = self.queue.get()
@@ -119,12 +128,19 @@ class Acceptor:
         return batch
 
     def _accept(self, pipeline: Pipeline, batch: list[Waiting]) -> None:
+        """The batch in one group commit; if that fails, each message alone, so that one
+        that cannot be stored fails only its own session (451, its sender retries)."""
+        if not batch:
+            return
         try:
             accepted = pipeline.accept_many([m for m, _ in batch])
-        except Exception as exc:  # every session of the batch answers 451 and retries
-            log.error("accepting %d SMTP messages failed: %s", len(batch), type(exc).__name__)
-            for _, future in batch:
-                future.set_exception(exc)
+        except Exception as exc:
+            if len(batch) > 1:
+                for item in batch:
+                    self._accept(pipeline, [item])
+                return
+            log.error("accepting an SMTP message failed: %s", type(exc).__name__)
+            batch[0][1].set_exception(exc)
             return
         for (_, future), a in zip(batch, accepted, strict=True):
             future.set_result(a)
@@ -140,6 +156,22 @@ class Handler:
         self.policy = policy
         self.acceptor = acceptor
         self.clock = clock
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        try:  # bytes that are not UTF-8 (kept as surrogates) cannot be stored as text
+            address.encode("utf-8")
+        except UnicodeEncodeError:
+            return "553 5.1.7 The sender address is not valid UTF-8"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(
         self,
