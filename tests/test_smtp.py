@@ -216,6 +216,23 @@ def test_clients_that_hang_up_while_waiting_for_their_250_stop_no_one(
     wait_for(lambda: ("Later",) in rows(data_dir, "SELECT subject FROM ecrs"))
 
 
+def test_body_lines_sent_as_commands_never_reach_the_log(served: Served) -> None:
+    """A client that sends its body although DATA was refused (no recipient was accepted)
+    makes each line an unknown command, which aiosmtpd logs at warning with its first word."""
+    secret = "SMITH-JOHN-19700101"
+    with client(served) as c:
+        c.ehlo()
+        c.mail("gp@practice.example")
+        assert c.rcpt("someone@elsewhere.example")[0] == 550
+        c.putcmd("DATA")
+        assert c.getreply()[0] == 503
+        for line in (f"{secret} attended today", "NHS:943-476-5919 results"):
+            c.putcmd(line)
+            assert c.getreply()[0] == 500
+    time.sleep(0.5)  # whatever serve logs about it is in its stderr by now
+    assert not any(secret in line or "943-476" in line for line in served.lines)
+
+
 def test_a_sender_address_that_is_not_utf8_is_refused_at_mail(served: Served) -> None:
     with client(served) as c:
         c.ehlo()

@@ -27,9 +27,11 @@ from gateway.pipeline import Pipeline
 from gateway.store.records import Accepted
 
 log = logging.getLogger(__name__)
-# aiosmtpd logs every DATA line at debug level: mail bodies must never reach a log (patient
-# data), so its logger never goes below warning, whatever the root level is.
-logging.getLogger("mail.log").setLevel(logging.WARNING)
+# aiosmtpd logs every DATA line at debug level, and at warning each unknown command it is
+# sent, which is a line of the body when a client sends it after a refused DATA: mail bodies
+# must never reach a log (patient data), so its logger says errors only, whatever the root
+# level is.
+logging.getLogger("mail.log").setLevel(logging.ERROR)
 
 
 # Commands one session may send. An MTA reuses a connection for many mails, so the mail
