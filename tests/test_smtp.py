@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from gateway.app import App, build_app
-from gateway.inbound.smtp import Acceptor
+from gateway.inbound.smtp import Acceptor, SmtpPolicy
 from gateway.model import Envelope as Mail
 from gateway.store.files import Spool
 from gateway.store.records import Accepted
@@ -340,3 +340,32 @@ def test_a_message_that_cannot_be_stored_fails_only_its_own_session(
         acceptor.stop()
     assert [isinstance(r, Accepted) for r in results] == [True, True, False, True]
     assert app.db.value("SELECT COUNT(*) FROM inbound") == 3
+
+
+@pytest.mark.parametrize(
+    "address,ours",
+    [
+        ("support@localhost", True),
+        ("Support+Anything@LOCALHOST", True),
+        ("anyone@localhost", True),  # our domain
+        ("ecr+lv@partner.example", True),  # configured with its +tag
+        ("ecr+lv+x@partner.example", False),  # only the tag stripped as a whole
+        ("pcs+tag@partner.example", True),
+        ("victim@localho\u017ft", False),  # casefolds to localhost, lowers to itself
+        ("someone@elsewhere.example", False),
+        ("no-at-sign", False),
+    ],
+)
+def test_recipients_are_ours_by_domain_or_configured_address(address: str, ours: bool) -> None:
+    policy = SmtpPolicy(
+        domain="localhost",
+        own_addresses=frozenset(
+            ["support@localhost", "ecr+lv@partner.example", "pcs@partner.example"]
+        ),
+        max_message_size=1000,
+        max_recipients=10,
+        max_connections_per_peer=10,
+        idle_timeout=1.0,
+        session_timeout=1.0,
+    )
+    assert policy.ours(address) is ours

@@ -61,9 +61,14 @@ class SmtpPolicy:
     tls_context: ssl.SSLContext | None = None
 
     def ours(self, address: str) -> bool:
-        local, at, domain = address.casefold().rpartition("@")
+        """Our domain, or one of our addresses as configured or with a +tag. Lowered as the
+        configured ones are: casefolding would make `localhoſt` our `localhost`."""
+        address = address.lower()
+        local, at, domain = address.rpartition("@")
         base = f"{local.partition('+')[0]}@{domain}"
-        return bool(at) and (domain == self.domain or base in self.own_addresses)
+        return bool(at) and (
+            domain == self.domain or address in self.own_addresses or base in self.own_addresses
+        )
 
 
 Waiting = tuple[Mail, concurrent.futures.Future[Accepted]]
