@@ -64,6 +64,7 @@ class App:
                     o.security,
                     o.username,
                     self.environ.get(o.password_env, "") if o.password_env else "",
+                    timeout=float(o.relay_timeout),
                 )
             )
         else:

@@ -109,6 +109,7 @@ class OutboundSettings:
     bounce_address: str = setting("", "envelope sender of our mails (default bounces@<domain>)")
     ack_limit_per_hour: int = setting(5, "acknowledgements per sender address per hour")
     retry_hours: int = setting(72, "give up on 4xx after this")
+    relay_timeout: int = setting(30, "seconds to wait for the relay to connect or answer")
 
 
 @dataclass(frozen=True)
@@ -328,6 +329,7 @@ def _validate(s: Settings) -> None:
         ("gateway.ref_prefix", s.gateway.ref_prefix[:1].isalpha(), "must start with a letter"),
         ("outbound.ack_limit_per_hour", s.outbound.ack_limit_per_hour >= 0, "must not be negative"),
         ("outbound.retry_hours", s.outbound.retry_hours >= 0, "must not be negative"),
+        ("outbound.relay_timeout", s.outbound.relay_timeout > 0, "must be positive"),
         (
             "gateway.reply_languages",
             set(s.gateway.reply_languages) <= known_languages(),

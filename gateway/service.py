@@ -92,9 +92,10 @@ class Worker:
             return
         self.writer.close()
         self.process.join(60)
-        if self.process.is_alive():
-            log.warning("worker did not stop in 60s; terminating it")
-            self.process.terminate()
+        if self.process.is_alive():  # it ignores SIGTERM (see _worker_main)
+            log.warning("worker did not stop in 60s; killing it")
+            self.process.kill()
+            self.process.join(10)
 
 
 def _worker_main(settings: Settings, environ: dict[str, str], wakes: Connection) -> None:
@@ -113,7 +114,11 @@ def _worker_main(settings: Settings, environ: dict[str, str], wakes: Connection)
     stop, wake = threading.Event(), threading.Event()
     threading.Thread(target=_listen_for_wakes, args=(wakes, stop, wake), daemon=True).start()
     make = lambda: build_app(settings, environ=environ)  # noqa: E731 - one App per thread
-    sender = threading.Thread(target=_logged("outbox", lambda: _send(make, stop)), name="outbox")
+    # A daemon: a send the relay never answers must not keep the worker from exiting (the
+    # mail stays queued, and goes after the restart).
+    sender = threading.Thread(
+        target=_logged("outbox", lambda: _send(make, stop)), name="outbox", daemon=True
+    )
     sender.start()
     try:
         _process(make, stop, wake)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -64,6 +65,17 @@ def new_ecr(app: App, **kw: str) -> str:
 
 def to(captured: list[Captured], address: str) -> list[EmailMessage]:
     return [c.message for c in captured if address in c.rcpt_tos]
+
+
+def test_a_stop_leaves_the_rest_of_a_run_queued(napp: App, sender: Sender, relay: Relay) -> None:
+    """A relay that never answers takes its timeout for each mail: on a stop, the sender
+    sends no further mail of its run (they go after the restart)."""
+    for n in range(3):
+        new_ecr(napp, subject=f"Printer {n}")
+    stop = threading.Event()
+    stop.set()
+    assert sender.run_once(stop=stop) == 0 and relay.captured == []
+    assert sender.run_once() == 3
 
 
 def test_acknowledgement_headers_and_parts(napp: App, sender: Sender, relay: Relay) -> None:
