@@ -369,4 +369,3 @@ def test_recipients_are_ours_by_domain_or_configured_address(address: str, ours:
         session_timeout=1.0,
     )
     assert policy.ours(address) is ours
-
