@@ -176,7 +176,7 @@ async def _serve(settings: Settings, environ: Mapping[str, str], worker: Worker)
 @dataclass
 class Listeners:
     summary: list[str] = field(default_factory=list)
-    servers: list[asyncio.Server] = field(default_factory=list)
+    servers: list[smtp.Receiving] = field(default_factory=list)
     acceptor: smtp.Acceptor | None = None
     watchers: list[threading.Thread] = field(default_factory=list)
     watching: threading.Event = field(default_factory=threading.Event)  # set = stop watching
@@ -188,13 +188,9 @@ class Listeners:
         if self.web and self.web_task:
             self.web.stop()  # uvicorn lets in-flight requests finish
             await self.web_task
-        for server in self.servers:
-            server.close()
-        for server in self.servers:
-            try:
-                await asyncio.wait_for(server.wait_closed(), SHUTDOWN_GRACE)
-            except TimeoutError:
-                log.warning("SMTP sessions still open after %.0fs; closing", SHUTDOWN_GRACE)
+        for receiving in self.servers:
+            if cut := await receiving.close(SHUTDOWN_GRACE):
+                log.warning("%d SMTP sessions in a mail at %.0fs: cut", cut, SHUTDOWN_GRACE)
         for thread in self.watchers:  # a watcher finishes the batch it is accepting
             await asyncio.to_thread(thread.join, SHUTDOWN_GRACE)
         if self.acceptor:
@@ -210,11 +206,11 @@ async def _listen(
 ) -> None:
     if settings.smtp.enabled:
         out.acceptor = smtp.Acceptor(lambda: make().pipeline, wake).start()
-        server = await smtp.start_server(
+        receiving = await smtp.start_server(
             smtp_policy(settings), out.acceptor, settings.smtp.host, settings.smtp.port
         )
-        out.servers.append(server)
-        host, port = server.sockets[0].getsockname()[:2]
+        out.servers.append(receiving)
+        host, port = receiving.server.sockets[0].getsockname()[:2]
         out.summary.append(f"SMTP on {host}:{port}")
     out.watchers = imap.start_watchers(settings, environ, out.watching, wake)
     if out.watchers:

@@ -257,6 +257,40 @@ def test_sigterm_stops_cleanly(data_dir: Path) -> None:
     s.stop()
 
 
+def test_sigterm_lets_a_mail_under_way_finish_and_closes_idle_sessions(data_dir: Path) -> None:
+    """Within the grace: a session in the middle of its data gets its 250 (then 421), one
+    between mails gets 421 at once; nothing is cut that was answered."""
+    s = Served(data_dir, {**LIMITS, "ECR_GATEWAY_SMTP__IDLE_TIMEOUT": "30"}).start()
+    sending = socket.create_connection(("127.0.0.1", s.smtp_port), timeout=10)
+    idle = socket.create_connection(("127.0.0.1", s.smtp_port), timeout=10)
+    try:
+        for sock in (sending, idle):
+            sock.recv(1000)
+            sock.sendall(b"EHLO p.example\r\n")
+            time.sleep(0.2)
+            sock.recv(1000)
+        raw = mail(subject="Under way")
+        sending.sendall(
+            b"MAIL FROM:<gp@practice.example>\r\nRCPT TO:<support@localhost>\r\nDATA\r\n"
+            + raw[:100]
+        )
+        time.sleep(0.3)
+        assert s.proc is not None
+        s.proc.send_signal(signal.SIGTERM)
+        assert _read_until_closed(idle).startswith(b"421")  # at once, not after the grace
+        time.sleep(1.0)  # the sender is still sending
+        sending.sendall(raw[100:] + b".\r\n")
+        answers = _read_until_closed(sending).decode()
+        assert "250 2.0.0 OK queued" in answers and answers.rstrip().endswith(
+            "421 4.3.2 Service shutting down, try again later"
+        )
+        assert s.proc.wait(30) == 0
+    finally:
+        sending.close()
+        idle.close()
+    assert rows(data_dir, "SELECT COUNT(*) FROM inbound") == [(1,)]
+
+
 def _read_until_closed(s: socket.socket) -> bytes:
     data = b""
     try:

@@ -222,7 +222,9 @@ class Receiver(SMTP):
     """aiosmtpd's session with the limits it lacks: connections per peer, a session deadline,
     and an idle timeout that really means idle (aiosmtpd's also cuts a slow but steady DATA)."""
 
-    def __init__(self, handler: Handler, policy: SmtpPolicy, peers: Counter[str]) -> None:
+    def __init__(
+        self, handler: Handler, policy: SmtpPolicy, peers: Counter[str], sessions: set[Receiver]
+    ) -> None:
         super().__init__(
             handler,
             data_size_limit=policy.max_message_size,
@@ -234,8 +236,10 @@ class Receiver(SMTP):
         )
         self.policy = policy
         self.peers = peers
+        self.sessions = sessions  # every open one, for the shutdown
         self.peer_ip = ""
         self.deadline: asyncio.TimerHandle | None = None
+        self.closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -243,9 +247,10 @@ class Receiver(SMTP):
             return
         self.peer_ip = str((transport.get_extra_info("peername") or ("?",))[0])
         self.peers[self.peer_ip] += 1
+        self.sessions.add(self)
         self.deadline = self.loop.call_later(self.policy.session_timeout, self._expire)
         if self.peers[self.peer_ip] > self.policy.max_connections_per_peer:
-            self._close_with(b"421 4.7.0 Too many connections from your address\r\n")
+            self.close_with(b"421 4.7.0 Too many connections from your address\r\n")
 
     def connection_lost(self, error: Exception | None) -> None:
         if self.deadline is not None:
@@ -253,6 +258,7 @@ class Receiver(SMTP):
             self.peers[self.peer_ip] -= 1
             if self.peers[self.peer_ip] <= 0:
                 del self.peers[self.peer_ip]
+            self.sessions.discard(self)
         super().connection_lost(error)
 
     def data_received(self, data: bytes) -> None:
@@ -276,14 +282,49 @@ class Receiver(SMTP):
         return found
 
     def _expire(self) -> None:
-        self._close_with(b"421 4.4.2 Session time limit reached, closing\r\n")
+        self.close_with(b"421 4.4.2 Session time limit reached, closing\r\n")
 
-    def _close_with(self, line: bytes) -> None:
+    def between_mails(self) -> bool:
+        """No mail under way: before MAIL FROM, or after the answer to its data."""
+        return self.envelope is None or self.envelope.mail_from is None
+
+    def close_with(self, line: bytes) -> None:
+        if self.closing:
+            return
+        self.closing = True
         transport = self.transport
         if isinstance(transport, asyncio.WriteTransport):
             transport.write(line)
         if transport is not None:
             transport.close()
+
+
+SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"
+
+
+@dataclass
+class Receiving:
+    """The listener and its open sessions."""
+
+    server: asyncio.Server
+    sessions: set[Receiver]
+
+    async def close(self, grace: float) -> int:
+        """No new connections; each session is closed (421) once it is between mails, and
+        any still in one after `grace` seconds regardless (no 250 was given for it: its
+        sender sends it again). Returns how many were cut short."""
+        self.server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.sessions and loop.time() < deadline:
+            for session in list(self.sessions):
+                if session.between_mails():
+                    session.close_with(SHUTTING_DOWN)
+            await asyncio.sleep(0.05)
+        cut = [s for s in self.sessions if not s.closing]
+        for session in cut:
+            session.close_with(SHUTTING_DOWN)
+        return len(cut)
 
 
 async def start_server(
@@ -292,9 +333,13 @@ async def start_server(
     host: str,
     port: int,
     clock: Callable[[], datetime] | None = None,
-) -> asyncio.Server:
-    """Listen on host:port (0: the OS picks; read it from the returned server's sockets)."""
+) -> Receiving:
+    """Listen on host:port (0: the OS picks; read it from the server's sockets)."""
     handler = Handler(policy, acceptor, clock or (lambda: datetime.now(UTC).replace(microsecond=0)))
     peers: Counter[str] = Counter()
+    sessions: set[Receiver] = set()
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: Receiver(handler, policy, peers), host, port)
+    server = await loop.create_server(
+        lambda: Receiver(handler, policy, peers, sessions), host, port
+    )
+    return Receiving(server, sessions)
