@@ -135,8 +135,13 @@ class Pipeline:
         """The second half of accepting: the spool files made durable (one sync for all of
         them: a syncfs flushes file and directory entries at once, where fsyncing a lone file
         and then its directory takes two flushes), then their rows in one durable commit."""
-        self.spool.sync([a.spool_name for a in arrivals])
-        return self.record_arrivals(arrivals)
+        names = [a.spool_name for a in arrivals]
+        try:
+            self.spool.sync(names)
+            return self.record_arrivals(arrivals)
+        except BaseException:
+            self.spool.discard(names)  # no row names them: the sender is told to send again
+            raise
 
     def record_arrivals(self, arrivals: Sequence[Arrival], beside: bool = False) -> list[Accepted]:
         """Rows for arrivals whose spool files are durable, in one durable commit (whose

@@ -299,3 +299,23 @@ def test_a_large_mail_is_accepted_before_it_is_parsed(
     small = mail("Printer", "Blank pages.")
     app.pipeline.finish(app.pipeline.accept(Envelope(small, "ingest", "", RCPT)), small)
     assert rows == [1, 1]  # the large one parsed after its row, the small one before its own
+
+
+def test_a_batch_whose_rows_cannot_be_committed_leaves_no_mail_in_the_spool(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sender is told to send again (451), so the raw mails, patient data that no row
+    names, are not kept; a lone mail's bytes stay in the journal, which accepted mails share."""
+    [first] = app.pipeline.accept_many([Envelope(mail(subject="Accepted"), "smtp")])
+    kept = str(app.db.value("SELECT spool_path FROM inbound WHERE id = ?", [first.inbound_id]))
+
+    def locked(*args: Any, **kw: Any) -> Any:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(app.pipeline.records, "accept", locked)
+    for count in (2, 1):
+        envelopes = [Envelope(mail(subject=f"Refused {n}"), "smtp") for n in range(count)]
+        with pytest.raises(sqlite3.OperationalError):
+            app.pipeline.accept_many(envelopes)
+    assert app.pipeline.spool.files() == [kept.partition("#")[0]]
+    assert b"Accepted" in app.pipeline.spool.read(kept)

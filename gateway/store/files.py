@@ -10,6 +10,7 @@ worst a tail, or a journal, that no row names).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import io
 import os
@@ -267,6 +268,15 @@ class Spool:
                 journal.entry_durable = True
 
         return on_fd(os.open(self.root, os.O_RDONLY | os.O_DIRECTORY), sync)
+
+    def discard(self, names: list[str]) -> None:
+        """Remove the batch files of mails that were not accepted after all (patient data
+        that nothing refers to); the journal, shared with mails that were, stays."""
+        with self._appending:
+            journal = self._journal.name if self._journal is not None else None
+        for file in {span(n)[0] for n in names} - {journal}:
+            with contextlib.suppress(OSError):  # gone, or the spool itself is what failed
+                os.unlink(self.root / file)
 
     def _sync_each(self, names: list[str]) -> None:
         files = {self.root / span(n)[0] for n in names}
