@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -100,3 +100,56 @@ def test_a_streamed_attachment_syncs_its_directory_and_only_the_directories_it_m
     blobs.put_chunks("abcd" + "1" * 60, iter([b"another"]))  # same directories, existing now
     assert synced == [f"{root}/ab/cd"]
     assert not list(blobs.tmp.iterdir())
+
+
+def test_directories_a_failed_write_made_are_synced_by_the_next_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first write into new directories fails after making them: the next write finds
+    them in place, and must still make their entries durable."""
+    from gateway.store import files as store_files
+
+    synced: list[str] = []
+    monkeypatch.setattr(store_files, "fsync_dir", lambda d: synced.append(str(d)))
+    blobs = Blobs(tmp_path / "attachments")
+
+    def broken() -> Iterator[bytes]:
+        yield b"part one"
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        blobs.put_chunks("efab" + "0" * 60, broken())
+    assert synced == []
+    blobs.put_chunks("efab" + "1" * 60, iter([b"the next one"]))
+    root = str(blobs.root)
+    assert sorted(synced) == sorted([f"{root}/ef/ab", f"{root}/ef", root])
+
+
+def test_a_batch_whose_names_failed_to_sync_is_synced_before_it_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """put_many renamed the files into place but the sync of their names failed (the batch's
+    mails then store their own): finding them in place is not enough, they are synced."""
+    from gateway.store import files as store_files
+
+    blobs = Blobs(tmp_path / "attachments")
+    sha = hashlib.sha256(b"scan").hexdigest()
+    real_sync = blobs._sync
+
+    def names_fail(files: list[str], directories: list[str]) -> None:
+        if directories:
+            raise OSError(5, "Input/output error")
+        real_sync(files, directories)
+
+    monkeypatch.setattr(blobs, "_sync", names_fail)
+    with pytest.raises(OSError):
+        blobs.put_many([(sha, b"scan")])
+    assert blobs.path(sha).exists()
+    flushed: list[str] = []
+    monkeypatch.setattr(store_files, "fsync_file", lambda p: flushed.append(str(p)))
+    monkeypatch.setattr(store_files, "fsync_dir", lambda d: flushed.append(str(d)))
+    blobs.put(sha, b"scan")
+    assert flushed[:2] == [str(blobs.path(sha)), str(blobs.path(sha).parent)]
+    flushed.clear()
+    blobs.put(sha, b"scan")  # durable now: nothing more to do
+    assert flushed == []

@@ -41,11 +41,12 @@ def fsync_dir(path: Path | str) -> None:
 def write_durably(
     target: Path, data: bytes | Sequence[bytes], tmp_dir: Path, sync: bool = True
 ) -> None:
-    """Write, fsync, rename, fsync the directory; `sync=False` leaves the fsyncs to the caller.
-    `data` may be several buffers, written one after the other without joining them. Plain os
-    calls: this runs once per accepted batch, and pathlib's objects cost more than a write."""
+    """Write, fsync, rename, fsync the directory (and the entry of each directory made for
+    it); `sync=False` leaves the fsyncs to the caller. `data` may be several buffers, written
+    one after the other without joining them. Plain os calls: this runs once per accepted
+    batch, and pathlib's objects cost more than a write."""
     parent = os.path.dirname(target)
-    created = _ensure_dir(parent)
+    _ensure_dir(parent)
     tmp = f"{tmp_dir}/{os.getpid()}-{os.urandom(8).hex()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
@@ -59,22 +60,37 @@ def write_durably(
         os.close(fd)
     os.rename(tmp, target)
     if sync:
-        fsync_dir(parent)
-        for directory in created:  # a new directory's own entry must be durable too
-            fsync_dir(os.path.dirname(directory))
+        sync_entries(parent)
 
 
-_KNOWN_DIRS: set[str] = set()
+def sync_entries(directory: str) -> None:
+    """A new file's entry in `directory` made durable, and the entries of `directory` and
+    its parent where this process made them and has not synced them yet."""
+    fsync_dir(directory)
+    made = _unsynced(directory)
+    for new in made:
+        fsync_dir(os.path.dirname(new))
+    _UNSYNCED_DIRS.difference_update(made)
 
 
-def _ensure_dir(path: str) -> list[str]:
-    """Create `path` (and its parent) when missing; returns the directories it created."""
+_KNOWN_DIRS: set[str] = set()  # exist
+_UNSYNCED_DIRS: set[str] = set()  # made here, their entries not yet synced
+
+
+def _ensure_dir(path: str) -> None:
+    """Create `path` (and its parent) when missing. Those it creates stay unsynced until a
+    `sync_entries` of theirs: a write that fails first leaves them to the next one, which
+    would otherwise find them in place and take them for durable."""
     if path in _KNOWN_DIRS:
-        return []
+        return
     created = [d for d in (os.path.dirname(path), path) if not os.path.isdir(d)]
     os.makedirs(path, exist_ok=True)
+    _UNSYNCED_DIRS.update(created)
     _KNOWN_DIRS.add(path)
-    return created
+
+
+def _unsynced(directory: str) -> list[str]:
+    return [d for d in (os.path.dirname(directory), directory) if d in _UNSYNCED_DIRS]
 
 
 def datasync_files(paths: Iterable[Path | str]) -> None:
@@ -384,22 +400,34 @@ class Blobs:
         self.root = root
         self.tmp = root / TMP
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self._unsure: set[Path] = set()  # in place, but their names' sync failed (put_many)
 
     def path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256[2:4] / sha256
 
     def put(self, sha256: str, data: bytes) -> None:
         target = self.path(sha256)
-        if not target.exists():
+        if not self._in_place(target):
             write_durably(target, data, self.tmp)
+
+    def _in_place(self, target: Path) -> bool:
+        """Stored already, and durably: a file whose names `put_many` failed to sync is
+        synced now, before a row may name it."""
+        if not target.exists():
+            return False
+        if target in self._unsure:
+            fsync_file(target)
+            sync_entries(str(target.parent))
+            self._unsure.discard(target)
+        return True
 
     def put_chunks(self, sha256: str, chunks: Iterable[bytes]) -> None:
         """A large attachment, written as its pieces are decoded: never whole in memory.
         Durable as `write_durably` makes a file: temp, fsync, rename, directory fsync."""
         target = self.path(sha256)
-        if target.exists():
+        if self._in_place(target):
             return
-        created = _ensure_dir(str(target.parent))
+        _ensure_dir(str(target.parent))
         tmp = self.tmp / f"{os.getpid()}-{os.urandom(8).hex()}.tmp"
         try:
             with open(tmp, "xb") as f:
@@ -411,9 +439,7 @@ class Blobs:
             tmp.unlink(missing_ok=True)  # a long-lived worker would not sweep it before a restart
             raise
         os.rename(tmp, target)
-        fsync_dir(target.parent)
-        for directory in created:  # a new directory's own entry must be durable too
-            fsync_dir(os.path.dirname(directory))
+        sync_entries(str(target.parent))
 
     def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
         """Several attachments (sha256, bytes) made durable together, for a batch: two flushes
@@ -428,15 +454,23 @@ class Blobs:
             for sha, data in todo.items():
                 written.append((self._unsynced_tmp(data), self.path(sha)))
             self._sync([tmp for tmp, _ in written], [])
-            directories = {str(target.parent) for _, target in written}
+            directories: set[str] = set()
             for tmp, target in written:
-                directories.update(os.path.dirname(d) for d in _ensure_dir(str(target.parent)))
+                _ensure_dir(str(target.parent))
+                directories.add(str(target.parent))
+                directories.update(os.path.dirname(d) for d in _unsynced(str(target.parent)))
                 os.rename(tmp, target)
         except BaseException:
             for tmp, _ in written:  # a long-lived worker would not sweep them before a restart
                 Path(tmp).unlink(missing_ok=True)
             raise
-        self._sync([], sorted(directories))
+        try:
+            self._sync([], sorted(directories))
+        except BaseException:
+            self._unsure.update(target for _, target in written)
+            raise
+        for _, target in written:
+            _UNSYNCED_DIRS.difference_update(_unsynced(str(target.parent)))
 
     def _unsynced_tmp(self, data: bytes) -> str:
         tmp = f"{self.tmp}/{os.getpid()}-{os.urandom(8).hex()}.tmp"
