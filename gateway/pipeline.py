@@ -7,6 +7,7 @@ with the step's name; after `max_attempts` the mail is quarantined, never droppe
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -140,7 +141,12 @@ class Pipeline:
             self.spool.sync(names)
             return self.record_arrivals(arrivals)
         except BaseException:
-            self.spool.discard(names)  # no row names them: the sender is told to send again
+            # Their sender is told to send again: bytes no row names are patient data kept
+            # for nothing. Only when the database says so: an interruption after the commit
+            # (the log's lines) leaves rows that name them.
+            with contextlib.suppress(Exception):
+                if not self.records.name_any(names):
+                    self.spool.discard(names)
             raise
 
     def record_arrivals(self, arrivals: Sequence[Arrival], beside: bool = False) -> list[Accepted]:

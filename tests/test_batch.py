@@ -319,3 +319,33 @@ def test_a_batch_whose_rows_cannot_be_committed_leaves_no_mail_in_the_spool(
             app.pipeline.accept_many(envelopes)
     assert app.pipeline.spool.files() == [kept.partition("#")[0]]
     assert b"Accepted" in app.pipeline.spool.read(kept)
+
+
+def test_an_interruption_after_the_commit_keeps_the_spool_file_its_rows_name(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """^C during an import, after a batch's commit (while its log lines are written): the
+    rows stand, so their spool file must too."""
+    from gateway import pipeline as pipeline_mod
+
+    def interrupted(*args: Any, **kw: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline_mod.log, "info", interrupted)
+    envelopes = [Envelope(mail(subject=f"Committed {n}"), "import") for n in range(3)]
+    with pytest.raises(KeyboardInterrupt):
+        app.pipeline.accept_many(envelopes)
+    names = [str(r["spool_path"]) for r in app.db.rows("SELECT spool_path FROM inbound")]
+    assert len(names) == 3
+    assert [b"Committed" in app.pipeline.spool.read(n) for n in names] == [True] * 3
+
+
+def test_discarding_never_removes_a_journal_even_an_earlier_one(tmp_path: Path) -> None:
+    from gateway.store.files import Spool
+
+    spool = Spool(tmp_path / "spool", journal_limit=10)
+    first = spool.write_many([b"accepted"])[0]
+    second = spool.write_many([b"refused one"])[0]  # past the limit: a second journal
+    spool.discard([first, second])
+    assert spool.read(first) == b"accepted" and spool.read(second) == b"refused one"
+    spool.close()

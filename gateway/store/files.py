@@ -201,6 +201,7 @@ class Spool:
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.journal_limit = journal_limit
         self._journal: _Journal | None = None
+        self._journals: set[str] = set()  # every journal this spool wrote to
         self._appending = threading.Lock()  # transports may write from any thread
         self._helper = Beside("sync")
 
@@ -247,6 +248,7 @@ class Spool:
         path = self.root / name
         _ensure_dir(os.path.dirname(path))
         self._journal = _Journal(name, io.FileIO(path, "xb"), 0, os.getpid())
+        self._journals.add(name)
         return self._journal
 
     def close(self) -> None:
@@ -287,10 +289,10 @@ class Spool:
 
     def discard(self, names: list[str]) -> None:
         """Remove the batch files of mails that were not accepted after all (patient data
-        that nothing refers to); the journal, shared with mails that were, stays."""
+        that nothing refers to); a journal, shared with mails that were, stays."""
         with self._appending:
-            journal = self._journal.name if self._journal is not None else None
-        for file in {span(n)[0] for n in names} - {journal}:
+            journals = set(self._journals)
+        for file in {span(n)[0] for n in names} - journals:
             with contextlib.suppress(OSError):  # gone, or the spool itself is what failed
                 os.unlink(self.root / file)
 

@@ -85,6 +85,15 @@ class Records:
                 accepted.append(one)
             return accepted
 
+    def name_any(self, spool_names: Sequence[str]) -> bool:
+        """Whether a row names any of these spool entries."""
+        marks = ",".join("?" * len(spool_names))
+        found = self.db.value(
+            f"SELECT EXISTS (SELECT 1 FROM inbound WHERE spool_path IN ({marks}))",
+            list(spool_names),
+        )
+        return bool(found)
+
     def _firsts(self, keys: set[str]) -> dict[str, tuple[int, int | None]]:
         """The first row (id, ECR) of each key already accepted: one query a batch."""
         found: dict[str, tuple[int, int | None]] = {}
