@@ -11,6 +11,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -403,3 +404,37 @@ def test_recipients_are_ours_by_domain_or_configured_address(address: str, ours:
         session_timeout=1.0,
     )
     assert policy.ours(address) is ours
+
+
+def test_a_failure_of_the_store_fails_the_batch_at_once_not_once_per_message(
+    data_dir: Path,
+) -> None:
+    """A lock held past the busy timeout fails every message alike: trying them one by one
+    would wait it out once per message while every session waits behind the acceptor."""
+    calls: list[int] = []
+
+    def make_pipeline() -> Any:
+        pipeline = build_app(make_settings(data_dir)).pipeline
+
+        def locked(envelopes: Any) -> Any:
+            calls.append(len(envelopes))
+            raise sqlite3.OperationalError("database is locked")
+
+        pipeline.accept_many = locked  # type: ignore[method-assign]
+        return pipeline
+
+    acceptor = Acceptor(make_pipeline, lambda: None)
+    mails = [Mail(mail(subject=f"Mail {n}"), "smtp", "gp@practice.example") for n in range(4)]
+
+    async def submit_all() -> list[Accepted | BaseException]:
+        waiting = [asyncio.ensure_future(acceptor.submit(m)) for m in mails]
+        await asyncio.sleep(0.05)
+        acceptor.start()
+        return await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 10)
+
+    try:
+        results = asyncio.run(submit_all())
+    finally:
+        acceptor.stop()
+    assert all(isinstance(r, sqlite3.OperationalError) for r in results)
+    assert calls == [4]

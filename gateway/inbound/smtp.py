@@ -24,6 +24,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway.model import Envelope as Mail
 from gateway.pipeline import Pipeline
+from gateway.store.db import STORE_ERRORS
 from gateway.store.records import Accepted
 
 log = logging.getLogger(__name__)
@@ -135,19 +136,22 @@ class Acceptor:
         return batch
 
     def _accept(self, pipeline: Pipeline, batch: list[Waiting]) -> None:
-        """The batch in one group commit; if that fails, each message alone, so that one
-        that cannot be stored fails only its own session (451, its sender retries)."""
+        """The batch in one group commit; if that fails because of what a message holds,
+        each message alone, so that one that cannot be stored fails only its own session
+        (451, its sender retries). A failure of the store itself fails them all at once: one
+        by one, each would wait out a lock again."""
         if not batch:
             return
         try:
             accepted = pipeline.accept_many([m for m, _ in batch])
         except Exception as exc:
-            if len(batch) > 1:
+            if len(batch) > 1 and not isinstance(exc, STORE_ERRORS):
                 for item in batch:
                     self._accept(pipeline, [item])
                 return
-            log.error("accepting an SMTP message failed: %s", type(exc).__name__)
-            batch[0][1].set_exception(exc)
+            log.error("accepting %d SMTP messages failed: %s", len(batch), type(exc).__name__)
+            for _, future in batch:
+                future.set_exception(exc)
             return
         for (_, future), a in zip(batch, accepted, strict=True):
             future.set_result(a)

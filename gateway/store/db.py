@@ -24,6 +24,9 @@ from .files import Beside, datasync_fd, fsync_dir, on_fd
 Row = dict[str, Any]
 
 BUSY_TIMEOUT_S = 60.0
+# The store's own failures (a lock held too long, a read-only or full disk, an I/O error), as
+# against a failure that one row's content causes.
+STORE_ERRORS: tuple[type[Exception], ...] = (OSError, sqlite3.OperationalError)
 
 
 class NotDurable(Exception):
