@@ -695,7 +695,7 @@ def test_connections_dropped_under_a_good_mail_do_not_set_it_aside(
 
 
 def test_a_full_disk_of_ours_is_reported_as_ours_not_as_the_server(
-    server: Dovecot, app: App, caplog: pytest.LogCaptureFixture
+    server: Dovecot, app: App, clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
     def accept(envelopes: Sequence[Envelope]) -> list[Accepted]:
         raise OSError(28, "No space left on device")
@@ -712,8 +712,36 @@ def test_a_full_disk_of_ours_is_reported_as_ours_not_as_the_server(
     assert "reconnecting" not in caplog.text  # not taken for a dropped connection
     [health] = ImapState(app.db).health()
     assert "LocalError" in health["last_error"] and "No space" in health["last_error"]
+    clock.advance(seconds=301)
+    assert not w.try_once()
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "no mail taken for 301s" in warning and "unreachable" not in warning
     with server.other_client() as other:
         assert len(other.messages("INBOX")) == 2  # nothing moved that was not accepted
+
+
+def test_a_full_disk_while_recording_an_oversize_mail_is_reported_as_ours(
+    server: Dovecot, app: App, caplog: pytest.LogCaptureFixture
+) -> None:
+    def full(mail: TooLarge) -> bool:
+        raise OSError(28, "No space left on device")
+
+    w = imap.ImapWatcher(
+        config(server),
+        app.pipeline.accept_many,
+        ImapState(app.db),
+        clock=app.clock,
+        oversize=full,
+        max_message_size=2000,
+    )
+    assert w.try_once()
+    with server.other_client() as other:
+        other.append(mail(subject="Scans", body="x" * 5000))
+    caplog.set_level(logging.INFO)
+    assert not w.try_once()
+    assert "reconnecting" not in caplog.text
+    [health] = ImapState(app.db).health()
+    assert "LocalError" in health["last_error"]
 
 
 def test_the_same_mail_through_smtp_and_imap_is_one_ecr(server: Dovecot, app: App) -> None:

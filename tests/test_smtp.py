@@ -387,13 +387,15 @@ def test_a_message_that_cannot_be_stored_fails_only_its_own_session(
         ("ecr+lv+x@partner.example", False),  # only the tag stripped as a whole
         ("pcs+tag@partner.example", True),
         ("victim@localho\u017ft", False),  # casefolds to localhost, lowers to itself
+        ("victim@\u212aliniek.example", False),  # the Kelvin sign lowers to a k
+        ("victim@kliniek.example", True),
         ("someone@elsewhere.example", False),
         ("no-at-sign", False),
     ],
 )
 def test_recipients_are_ours_by_domain_or_configured_address(address: str, ours: bool) -> None:
     policy = SmtpPolicy(
-        domain="localhost",
+        domain="localhost" if "kliniek" not in address else "kliniek.example",
         own_addresses=frozenset(
             ["support@localhost", "ecr+lv@partner.example", "pcs@partner.example"]
         ),

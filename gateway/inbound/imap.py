@@ -55,7 +55,9 @@ HEADER_CAP = 65536  # bytes of an oversize mail's header block we fetch for its 
 SEARCH_CHUNK = 1000  # UIDs per FETCH RFC822.SIZE, to bound the command line
 TOKEN_TIMEOUT = 30.0
 FETCH_STRIKES = 3  # fetches of one message alone the server failed before it is set aside
-DROP_STRIKES = 10  # or fetches of it alone that failed in any way, the connection dropping
+# or fetches of it alone that failed in any way, the connection dropping: a server that dies
+# on the message holds the others back this long (with the backoff, about half a minute)
+DROP_STRIKES = 5
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 300.0
 WARNING_MARGIN = 0.5  # seconds past an outage's warning time that the attempt giving it comes
 
@@ -631,9 +633,13 @@ class ImapWatcher:
         moving = self._mover.start(lambda: self._dispose(session, behind))
         try:
             accepted = self._accept(envelopes)
-        finally:
-            # Whatever happened here, the connection is only ours again once the move is done.
-            self._passed(session, behind, moving.result())
+        except BaseException:
+            # The connection is only ours again once the move is done; this failure, not
+            # the move's, is the one to report.
+            with contextlib.suppress(Exception):
+                self._passed(session, behind, moving.result())
+            raise
+        self._passed(session, behind, moving.result())
         if accepted:
             self.wake()
         mails = zip(bodies.items(), accepted, strict=True)
@@ -732,7 +738,10 @@ class ImapWatcher:
             left_in,
         )
         if self.oversize is not None:
-            self.oversize(mail)
+            try:
+                self.oversize(mail)
+            except OSError as exc:
+                raise LocalError(f"recording an oversize mail failed: {exc}") from exc
         else:
             self.state.skip_now(self.name, session.uidvalidity, uid, mail.reason, self.clock())
             log.warning("imap %s uid %d: %s", self.name, uid, mail.reason)
@@ -847,7 +856,7 @@ class ImapWatcher:
             self.state.unreachable(self.name, text)
         except Exception:
             log.exception("imap %s: cannot record the failure", self.name)
-        self._warn_if_long(now, since, text)
+        self._warn_if_long(now, since, text, ours=not isinstance(exc, CONNECTION_ERRORS))
 
     def _retry_in(self, failures: int) -> float:
         """The backoff, cut short where the outage would otherwise pass its warning's time
@@ -860,20 +869,16 @@ class ImapWatcher:
         )
         return min(delay, max((due - self.clock()).total_seconds(), 0.0) + WARNING_MARGIN)
 
-    def _warn_if_long(self, now: datetime, since: datetime, text: str) -> None:
-        """A warning once the outage passes the limit, and again each further limit."""
+    def _warn_if_long(self, now: datetime, since: datetime, text: str, ours: bool) -> None:
+        """A warning once the outage passes the limit, and again each further limit; one
+        whose last failure was ours (`ours`: our disk, a bug) does not blame the server."""
         limit = self.config.unreachable_warning_seconds
         down = (now - since).total_seconds()
         since_warned = (now - self._warned_at).total_seconds() if self._warned_at else None
         if down >= limit and (since_warned is None or since_warned >= limit):
-            log.warning(
-                "imap %s: %s:%d unreachable for %ds: %s",
-                self.name,
-                self.config.host,
-                self.config.port,
-                down,
-                text,
-            )
+            c = self.config
+            where = "no mail taken" if ours else f"{c.host}:{c.port} unreachable"
+            log.warning("imap %s: %s for %ds: %s", self.name, where, down, text)
             self._warned_at = now
 
 

@@ -62,9 +62,10 @@ class SmtpPolicy:
     tls_context: ssl.SSLContext | None = None
 
     def ours(self, address: str) -> bool:
-        """Our domain, or one of our addresses as configured or with a +tag. Lowered as the
-        configured ones are: casefolding would make `localhoſt` our `localhost`."""
-        address = address.lower()
+        """Our domain, or one of our addresses as configured or with a +tag. Only A-Z are
+        lowered: casefolding makes `localhoſt` our `localhost`, and lower() the Kelvin sign
+        a k; a look-alike of our domain is another domain."""
+        address = address.translate(_ASCII_LOWER)
         local, at, domain = address.rpartition("@")
         base = f"{local.partition('+')[0]}@{domain}"
         return bool(at) and (
@@ -72,6 +73,7 @@ class SmtpPolicy:
         )
 
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 Waiting = tuple[Mail, concurrent.futures.Future[Accepted]]
 
 
