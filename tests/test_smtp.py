@@ -363,16 +363,7 @@ def test_a_message_that_cannot_be_stored_fails_only_its_own_session(
     # The acceptor's pipeline is its own: an SQLite connection stays in its thread.
     acceptor = Acceptor(lambda: build_app(make_settings(data_dir)).pipeline, lambda: None)
 
-    async def submit_all() -> list[Accepted | BaseException]:
-        waiting = [asyncio.ensure_future(acceptor.submit(m)) for m in [*good[:2], poison, good[2]]]
-        await asyncio.sleep(0.05)  # all four queued before the acceptor starts: one batch
-        acceptor.start()
-        return await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 10)
-
-    try:
-        results = asyncio.run(submit_all())
-    finally:
-        acceptor.stop()
+    results = one_batch(acceptor, [*good[:2], poison, good[2]])
     assert [isinstance(r, Accepted) for r in results] == [True, True, False, True]
     assert app.db.value("SELECT COUNT(*) FROM inbound") == 3
 
@@ -428,15 +419,22 @@ def test_a_failure_of_the_store_fails_the_batch_at_once_not_once_per_message(
     acceptor = Acceptor(make_pipeline, lambda: None)
     mails = [Mail(mail(subject=f"Mail {n}"), "smtp", "gp@practice.example") for n in range(4)]
 
+    results = one_batch(acceptor, mails)
+    assert all(isinstance(r, sqlite3.OperationalError) for r in results)
+    assert calls == [4]
+
+
+def one_batch(acceptor: Acceptor, mails: list[Mail]) -> list[Accepted | BaseException]:
+    """The mails submitted to an acceptor not yet started, so that it takes them as one
+    batch; what each submission came to."""
+
     async def submit_all() -> list[Accepted | BaseException]:
         waiting = [asyncio.ensure_future(acceptor.submit(m)) for m in mails]
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # all of them queued before the acceptor starts
         acceptor.start()
         return await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 10)
 
     try:
-        results = asyncio.run(submit_all())
+        return asyncio.run(submit_all())
     finally:
         acceptor.stop()
-    assert all(isinstance(r, sqlite3.OperationalError) for r in results)
-    assert calls == [4]
