@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -107,7 +108,9 @@ def serve(ctx: click.Context) -> None:
         raise Failure(f"configuration: {exc}", 78) from None
     except (TemplateProblem, service.ServiceError) as exc:
         raise Failure(str(exc), 78) from None
-    except OSError as exc:  # e.g. the SMTP port is taken
+    except sqlite3.OperationalError as exc:  # e.g. another process held the write lock
+        raise Failure(f"cannot start: the database: {exc}", 71) from None
+    except OSError as exc:  # e.g. the SMTP port is taken, the spool not writable
         raise Failure(f"cannot start: {exc}", 71) from None
 
 

@@ -143,6 +143,7 @@ def run(settings: Settings, environ: Mapping[str, str]) -> None:
     app = build_app(settings, environ=environ)
     try:
         app.renderer.check()
+        _check_writable(app)
         recovered = app.pipeline.recover()
     finally:
         app.close()
@@ -153,6 +154,17 @@ def run(settings: Settings, environ: Mapping[str, str]) -> None:
     finally:
         worker.join()
     log.info("ecr-gateway stopped")
+
+
+def _check_writable(app: App) -> None:
+    """Listening while every mail would be answered 451 is worse than not starting."""
+    for what, root in (("spool", app.pipeline.spool.root), ("attachments", app.blobs.root)):
+        probe = root / f".{os.getpid()}-start.probe"  # where new directories are made
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise OSError(f"the {what} at {root} is not writable: {exc.strerror}") from None
 
 
 async def _serve(settings: Settings, environ: Mapping[str, str], worker: Worker) -> None:
@@ -267,7 +279,20 @@ def _process(make: Callable[[], App], stop: threading.Event, wake: threading.Eve
 
 
 def _send(make: Callable[[], App], stop: threading.Event) -> None:
-    app = make()
+    failures = 0
+    while not stop.is_set():
+        try:
+            app = make()
+        except Exception:  # the store locked at start-up: notifications wait, not for good
+            failures += 1
+            log.exception("outbox: cannot open the store; trying again")
+            stop.wait(imap.backoff(failures))
+            continue
+        _send_with(app, stop)
+        return
+
+
+def _send_with(app: App, stop: threading.Event) -> None:
     pool = app.render_pool()
     try:
         app.sender(pool).run(stop)

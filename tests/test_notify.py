@@ -27,7 +27,7 @@ from gateway.notify.pool import MailOrFailure, RenderPool
 from gateway.notify.render import SAMPLE, Renderer
 from gateway.notify.sender import AHEAD, Sender
 from gateway.notify.transport import Transport
-from tests.conftest import Clock, ingest, mail, make_settings, run_cli
+from tests.conftest import ROOT, Clock, ingest, mail, make_settings, run_cli
 from tests.relay import Captured, Relay
 
 GP = "Dr A <gp@practice.example>"
@@ -668,3 +668,20 @@ def _running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+def test_a_rendering_process_whose_starter_is_gone_exits() -> None:
+    """The pool's process watches the pid its starter passed it: one that asked the system
+    for its parent after the starter had died would watch init's pid, and never exit."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import time; from gateway.notify import pool; "
+            "pool._start(None, 999999999); time.sleep(30)",  # a starter that is gone
+        ],
+        cwd=ROOT,
+        timeout=30,
+    )
+    assert done.returncode == 0 and time.monotonic() - started < 10

@@ -4,6 +4,7 @@ HTTP, in one real child process, stopped by SIGTERM."""
 from __future__ import annotations
 
 import json
+import os
 import smtplib
 import socket
 import sqlite3
@@ -122,3 +123,25 @@ def _serve_once(
         text=True,
         timeout=60,
     )
+
+
+def test_a_spool_that_cannot_be_written_stops_serve_before_it_listens(data_dir: Path) -> None:
+    """Listening while every mail would get a 451 is a half start: refuse to start."""
+    spool = data_dir / "spool"
+    spool.mkdir(parents=True, exist_ok=True)
+    (spool / "tmp").mkdir(exist_ok=True)
+    if os.geteuid() == 0:  # root writes through permissions: only an immutable flag stops it
+        if subprocess.run(["chattr", "+i", str(spool)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not available here")
+    else:
+        spool.chmod(0o500)
+    try:
+        done = _serve_once(data_dir, env={"ECR_GATEWAY_SMTP__PORT": "0"})
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(spool)], check=True)
+        else:
+            spool.chmod(0o700)
+    assert done.returncode == 71, done.stderr
+    assert "spool" in done.stderr and "not writable" in done.stderr
+    assert "serving" not in done.stderr and "Traceback" not in done.stderr

@@ -438,3 +438,34 @@ def one_batch(acceptor: Acceptor, mails: list[Mail]) -> list[Accepted | BaseExce
         return asyncio.run(submit_all())
     finally:
         acceptor.stop()
+
+
+def test_an_acceptor_that_cannot_open_the_store_answers_451_and_tries_again(
+    data_dir: Path,
+) -> None:
+    """The store locked while serve starts: the acceptor's first open fails; it must not die
+    with it (every later mail would wait forever), but fail those mails and open again."""
+    opens: list[str] = []
+
+    def make_pipeline() -> Any:
+        opens.append("open")
+        if len(opens) == 1:
+            raise sqlite3.OperationalError("database is locked")
+        return build_app(make_settings(data_dir)).pipeline
+
+    acceptor = Acceptor(make_pipeline, lambda: None).start()
+
+    async def two_mails() -> list[Accepted | BaseException]:
+        answers: list[Accepted | BaseException] = []
+        for subject in ("While locked", "Later"):
+            submitted = acceptor.submit(Mail(mail(subject=subject), "smtp", "gp@p.example"))
+            done = await asyncio.gather(asyncio.wait_for(submitted, 10), return_exceptions=True)
+            answers += done
+        return answers
+
+    try:
+        first, later = asyncio.run(two_mails())
+    finally:
+        acceptor.stop()
+    assert isinstance(first, sqlite3.OperationalError)
+    assert isinstance(later, Accepted) and len(opens) == 2

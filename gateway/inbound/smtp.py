@@ -108,18 +108,23 @@ class Acceptor:
         return await asyncio.wrap_future(future)
 
     def _run(self) -> None:
-        pipeline = self.make_pipeline()  # its own SQLite connection, in this thread
+        pipeline: Pipeline | None = None  # its own SQLite connection, opened in this thread
         while (batch := self._next_batch()) is not None:
+            if pipeline is None:
+                try:
+                    pipeline = self.make_pipeline()
+                except Exception as exc:  # the store locked or unreadable: 451, try again
+                    log.error("the SMTP acceptor cannot open the store: %s", exc)
+                    self._fail(batch, exc)
+                    continue
             # A session that went away while waiting (its client hung up, a timeout) has
             # cancelled its answer: no one waits for it, and its sender will send again.
             waiting = [(m, f) for m, f in batch if f.set_running_or_notify_cancel()]
             try:
                 self._accept(pipeline, waiting)
-            except Exception:  # a bug: this thread is every session's way to a 250
+            except Exception as exc:  # a bug: this thread is every session's way to a 250
                 log.exception("the SMTP acceptor failed on a batch; going on")
-                for _, future in waiting:
-                    if not future.done():
-                        future.set_exception(RuntimeError("not accepted"))
+                self._fail([w for w in waiting if not w[1].done()], exc)
 
     def _next_batch(self) -> list[Waiting] | None:
         first = self.queue.get()
@@ -152,12 +157,19 @@ class Acceptor:
                     self._accept(pipeline, [item])
                 return
             log.error("accepting %d SMTP messages failed: %s", len(batch), type(exc).__name__)
-            for _, future in batch:
-                future.set_exception(exc)
+            self._fail(batch, exc)
             return
         for (_, future), a in zip(batch, accepted, strict=True):
             future.set_result(a)
         self.wake()
+
+
+    @staticmethod
+    def _fail(batch: list[Waiting], exc: Exception) -> None:
+        """Every session of these answers 451, and its sender sends again."""
+        for _, future in batch:
+            if future.running() or future.set_running_or_notify_cancel():
+                future.set_exception(exc)
 
 
 class Handler:

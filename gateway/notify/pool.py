@@ -42,7 +42,7 @@ class RenderPool:
             1,
             mp_context=multiprocessing.get_context("spawn"),  # never fork a threaded process
             initializer=_start,
-            initargs=(self.templates,),
+            initargs=(self.templates, os.getpid()),
         )
 
     def render(self, specs: list[str]) -> Future[list[MailOrFailure]]:
@@ -58,10 +58,12 @@ class RenderPool:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _start(templates: Path | None) -> None:
+def _start(templates: Path | None, parent: int) -> None:
+    """`parent`: the pid of the process that started us, as it said (had it died before we
+    asked the system, ours would already be another: we would wait for the wrong one)."""
     global _renderer
     _renderer = Renderer(templates)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 
 def _exit_with_parent(parent: int) -> None:
