@@ -23,6 +23,7 @@ from multiprocessing.process import BaseProcess
 from gateway.app import App, build_app
 from gateway.config import Settings
 from gateway.inbound import imap, smtp
+from gateway.store.files import probe_dir
 from gateway.web.server import Web, build_server
 
 log = logging.getLogger("gateway")
@@ -157,12 +158,11 @@ def run(settings: Settings, environ: Mapping[str, str]) -> None:
 
 
 def _check_writable(app: App) -> None:
-    """Listening while every mail would be answered 451 is worse than not starting."""
+    """Listening while every mail would be answered 451 is worse than not starting. The
+    stores' roots are probed: new directories are made there."""
     for what, root in (("spool", app.pipeline.spool.root), ("attachments", app.blobs.root)):
-        probe = root / f".{os.getpid()}-start.probe"  # where new directories are made
         try:
-            probe.write_bytes(b"")
-            probe.unlink()
+            probe_dir(root)
         except OSError as exc:
             raise OSError(f"the {what} at {root} is not writable: {exc.strerror}") from None
 

@@ -8,16 +8,15 @@ quarantine backlog is reported, not failed: it needs a person, not a restart.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from gateway.config import Settings
 from gateway.inbound import imap
+from gateway.store.files import probe_dir
 from gateway.store.ops import Ops
 from gateway.store.records import from_iso, iso
 
@@ -47,19 +46,6 @@ def assess(ops: Ops, settings: Settings, now: datetime) -> Health:
     except sqlite3.Error as exc:
         h.problems.append(f"store cannot be read: {exc}")
     return h
-
-
-def probe_dir(directory: Path) -> None:
-    """Create, write, fsync and remove a file: what accepting a mail needs of the spool.
-    A real write, not os.access: root passes every permission check."""
-    path = directory / f"{os.getpid()}-health-{os.urandom(4).hex()}.tmp"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, b"ok")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-        os.unlink(path)
 
 
 def _check(h: Health, name: str, probe: Callable[[], None]) -> dict[str, Any]:
